@@ -1,0 +1,31 @@
+# lmkv: `make demo` runs the main job, `make test` runs the tests. Both bootstrap .venv by themselves.
+SHELL := /bin/bash
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.lmkv-bootstrap
+export LMKV_TEST_CACHE := $(CURDIR)/.cache/lmkv
+
+.PHONY: demo test lint redis-server venv vllm-venv test-vllm clean
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	bash scripts/bootstrap.sh $(VENV)
+	@touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lmkv demo $(ARGS)
+
+# The Redis tests start their own redis-server on a free loopback port; install the binary when missing.
+redis-server:
+	@command -v redis-server >/dev/null || bash scripts/install_redis.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) redis-server
+	$(VENV)/bin/ruff check .
+	LMKV_CACHE_DIR=$(LMKV_TEST_CACHE) $(VPY) -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .venv-vllm .cache build *.egg-info
