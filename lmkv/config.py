@@ -264,7 +264,9 @@ def env_overrides(environ: typing.Mapping[str, str] | None = None) -> dict[str, 
                 key = rest[len(section) + 1 :]
                 names = {f.name for f in dataclasses.fields(cls)}
                 if key not in names:
-                    raise ConfigError(f"environment variable {var}: {section!r} has no key {key!r} (has {sorted(names)})")
+                    raise ConfigError(
+                        f"environment variable {var}: {section!r} has no key {key!r} (has {sorted(names)})"
+                    )
                 out.setdefault(section, {})[key] = value
                 break
     return out

@@ -1,0 +1,125 @@
+"""Shared plumbing for experiments: environment facts, alternating A/B timing, JSONL rows, tables, plots.
+
+Every experiment prints a table and appends JSONL rows to ``experiments/results/<name>.jsonl`` with the
+device, versions, git sha, backend, sizes and figures, and saves a PNG plot beside it. This machine is shared
+and noisy, so A and B are measured alternately in one process and compared by medians and ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def environment() -> dict[str, Any]:
+    """Device and version facts recorded with every row."""
+    import torch
+
+    env: dict[str, Any] = {
+        "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                   else f"cpu:{platform.processor() or platform.machine()}"),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "git_sha": git_sha(),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    for mod in ("transformers", "triton", "numba", "redis"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            env[mod] = None
+    return env
+
+
+def time_once(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - t0
+
+
+def alternate(candidates: dict[str, Callable[[], Any]], *, repeats: int = 7, warmup: int = 1,
+              sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Time each candidate ``repeats`` times, interleaved A B C A B C ..., after ``warmup`` untimed rounds.
+
+    Returns seconds per call for each candidate, in order of measurement.
+    """
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            times[name].append(time_once(fn, sync))
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def write_rows(name: str, rows: list[dict[str, Any]]) -> Path:
+    """Append rows (each merged with :func:`environment`) to ``results/<name>.jsonl``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    path = RESULTS / f"{name}.jsonl"
+    with path.open("a") as fh:
+        for row in rows:
+            fh.write(json.dumps({"experiment": name, **env, **row}, default=str) + "\n")
+    return path
+
+
+def print_table(rows: list[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> str:
+    """Print (and return) a Markdown table of ``columns`` from ``rows``; floats get 3 significant digits."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    lines = []
+    if title:
+        lines.append(f"### {title}")
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def save_plot(fig: Any, name: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def small() -> bool:
+    """True when an experiment should run at test sizes (``LMKV_SMALL=1`` or ``LMKV_NOTEBOOK_SMALL=1``)."""
+    return os.environ.get("LMKV_SMALL") == "1" or os.environ.get("LMKV_NOTEBOOK_SMALL") == "1"
