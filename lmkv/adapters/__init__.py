@@ -1,0 +1,1 @@
+"""Engine adapters: HuggingFace transformers (``lmkv.adapters.hf``) and vLLM (``lmkv.adapters.vllm``)."""
