@@ -21,6 +21,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ def parse_size(value: Any, key: str = "size") -> int:
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
         if not m or m.group(2).lower() not in _SIZE_UNITS:
             raise ConfigError(f"{key}: cannot parse size {value!r} (use bytes or e.g. '4GiB', '512MB')")
-        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+        # Fraction, not float: "4611686019GB" must be exact, "1.5GiB" too.
+        n = int(Fraction(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
     else:
         raise ConfigError(f"{key}: expected a size, got {type(value).__name__} {value!r}")
     if n < 0:
