@@ -1,0 +1,107 @@
+"""Triton backend of paged gather/scatter: one launch for all layers, strided loads/stores of raw bytes.
+
+Limits: runs on CUDA, or on CPU only under ``TRITON_INTERPRET=1`` (tests; auto never picks that). Every layer is
+addressed from layer 0's pointer plus an element offset held in a small int64 table with that layer's canonical
+``[P, NB, BS, H, D]`` strides, so layers may be separate allocations with different strides (views). Each
+program moves a tile of ``BLOCK_T`` tokens x H x D of one (layer, plane); H and D are padded to powers of two,
+so very wide rows (H * D > 2^14) are refused. All offsets are int64. Data moves as same-width integers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from lmkv.optimized.triton import unavailable_reason as unavailable_reason
+from lmkv.reference import paged as ref
+
+_MAX_TILE = 1 << 14  # elements per program: a register budget on GPU, numpy temporaries under the interpreter
+
+
+@triton.jit
+def _paged_copy_kernel(cache_ptr, meta_ptr, slot_ptr, chunk_ptr, num_tokens, planes, heads, head_dim, block_size,
+                       slot_stride, k_layer, k_plane, k_token, k_head, k_dim,
+                       GATHER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    lp = tl.program_id(0).to(tl.int64)
+    layer = lp // planes
+    plane = lp % planes
+    t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    in_range = t < num_tokens
+    slot = tl.load(slot_ptr + t * slot_stride, mask=in_range, other=-1)
+    valid = in_range & (slot >= 0)
+    slot = tl.where(valid, slot, 0)
+    # meta row of this layer: element offset from cache_ptr, then canonical strides (plane, block, offset, head, dim)
+    meta = meta_ptr + layer * 6
+    base = tl.load(meta)
+    s_plane = tl.load(meta + 1)
+    s_block = tl.load(meta + 2)
+    s_offset = tl.load(meta + 3)
+    s_head = tl.load(meta + 4)
+    s_dim = tl.load(meta + 5)
+    h = tl.arange(0, BLOCK_H).to(tl.int64)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    row = base + plane * s_plane + (slot // block_size) * s_block + (slot % block_size) * s_offset
+    cache_idx = row[:, None, None] + h[None, :, None] * s_head + d[None, None, :] * s_dim
+    chunk_row = layer * k_layer + plane * k_plane + t * k_token
+    chunk_idx = chunk_row[:, None, None] + h[None, :, None] * k_head + d[None, None, :] * k_dim
+    mask = valid[:, None, None] & (h < heads)[None, :, None] & (d < head_dim)[None, None, :]
+    if GATHER:
+        x = tl.load(cache_ptr + cache_idx, mask=mask)
+        tl.store(chunk_ptr + chunk_idx, x, mask=mask)
+    else:
+        x = tl.load(chunk_ptr + chunk_idx, mask=mask)
+        tl.store(cache_ptr + cache_idx, x, mask=mask)
+
+
+def _meta(views: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor | None:
+    """int64 [L, 6]: per layer (element offset from ``base``, 5 canonical strides); None if not addressable so."""
+    elem = base.element_size()
+    rows = []
+    for v in views:
+        delta = v.data_ptr() - base.data_ptr()
+        if delta % elem:
+            return None
+        rows.append([delta // elem, *v.stride()])
+    return torch.tensor(rows, dtype=torch.int64, device=base.device)
+
+
+def _launch(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch.Tensor, chunk: torch.Tensor,
+            layout: str, gather: bool) -> None:
+    num_tokens = slot_mapping.shape[0]
+    if num_tokens == 0:
+        return
+    views = [ref.as_bytes_dtype(v) for v in ref.canonical_layer_views(kv_caches, layout)]  # [P, NB, BS, H, D]
+    planes, _, block_size, heads, head_dim = views[0].shape
+    block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
+    if block_h * block_d > _MAX_TILE:
+        raise ValueError(f"kv_caches rows of {heads} x {head_dim} elements exceed the Triton tile ({_MAX_TILE})")
+    block_t = min(triton.next_power_of_2(num_tokens), max(1, _MAX_TILE // (block_h * block_d)))
+    chunk = ref.as_bytes_dtype(chunk)
+    k_layer, k_plane, k_token = chunk.stride()[:3]
+    k_head, k_dim = (0, chunk.stride(3)) if layout == "mla" else chunk.stride()[3:]
+    meta = _meta(views, views[0])
+    # Layers whose distance is not a whole number of elements (odd byte offsets) get one launch each.
+    groups = [(views[0], meta, 0, len(views))] if meta is not None else [
+        (v, _meta([v], v), i, 1) for i, v in enumerate(views)]
+    for base, table, first_layer, count in groups:
+        grid = (count * planes, triton.cdiv(num_tokens, block_t))
+        _paged_copy_kernel[grid](
+            base, table, slot_mapping, chunk[first_layer:], num_tokens, planes, heads, head_dim, block_size,
+            slot_mapping.stride(0), k_layer, k_plane, k_token, k_head, k_dim,
+            GATHER=gather, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+        )
+
+
+def gather(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch.Tensor, *, layout: str,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    if out is None:
+        out = ref.new_chunk(kv_caches, slot_mapping, layout)
+    _launch(kv_caches, slot_mapping, out, layout, gather=True)
+    return out.narrow(2, 0, slot_mapping.shape[0])
+
+
+def scatter(chunk: torch.Tensor, kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch.Tensor, *,
+            layout: str) -> None:
+    _launch(kv_caches, slot_mapping, chunk, layout, gather=False)
