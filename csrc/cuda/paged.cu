@@ -1,0 +1,121 @@
+// Paged gather/scatter on CUDA (torch-free; hipify translates it for ROCm).
+//
+// Limits: compile-checked in CI (nvcc -c), not run there: the CPU build of torch cannot link a CUDA extension.
+// One thread block per (token, layer * plane) row; its threads move the H x D row as words of `word_bytes`
+// (1, 2, 4, 8 or 16 bytes). The caller chooses the word with widest_word() and expresses the layer views and
+// chunk strides in words with to_words(); both use the index math of lmkv/paged.h shared with the CPU op.
+// Layers may be separate allocations (an array of device pointers) with different strides. Duplicate scatter
+// slots race (the Python layer rejects them). Negative slots are skipped.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "lmkv/paged.h"
+
+namespace lmkv {
+namespace paged {
+
+// Everything a launch needs besides the two device arrays (layer pointers and layer views).
+struct CopyShape {
+  int64_t num_layers, planes, tokens, heads, head_dim, block_size;  // head_dim in words
+  int64_t slot_stride;
+};
+
+// Host helper: the widest word (bytes) that divides every stride, the row and every base address, given the
+// host copies of the views/pointers in ELEMENTS. 1 when the head dim is strided.
+inline int32_t widest_word(const LayerView* views, const char* const* layer_ptrs, int64_t num_layers,
+                           const ChunkView& chunk, const char* chunk_ptr, int64_t head_dim, int64_t elem) {
+  if (chunk.dim != 1) return static_cast<int32_t>(elem);
+  for (int64_t l = 0; l < num_layers; ++l)
+    if (views[l].dim != 1) return static_cast<int32_t>(elem);
+  for (int32_t word = 16; word > elem; word /= 2) {
+    bool ok = (head_dim * elem) % word == 0 && reinterpret_cast<uintptr_t>(chunk_ptr) % word == 0;
+    const int64_t cs[4] = {chunk.layer, chunk.plane, chunk.token, chunk.head};
+    for (int64_t s : cs) ok = ok && (s * elem) % word == 0;
+    for (int64_t l = 0; ok && l < num_layers; ++l) {
+      const LayerView& v = views[l];
+      const int64_t vs[5] = {v.base, v.plane, v.block, v.offset, v.head};
+      for (int64_t s : vs) ok = ok && (s * elem) % word == 0;
+      ok = ok && reinterpret_cast<uintptr_t>(layer_ptrs[l]) % word == 0;
+    }
+    if (ok) return word;
+  }
+  return static_cast<int32_t>(elem);
+}
+
+// Host helper: a view in elements of `elem` bytes re-expressed in words of `word` bytes (word % elem == 0 and
+// widest_word() said every stride divides; the dim stride stays 1).
+inline LayerView to_words(LayerView v, int64_t elem, int64_t word) {
+  const int64_t r = word / elem;
+  if (r == 1) return v;
+  return {v.base / r, v.plane / r, v.block / r, v.offset / r, v.head / r, v.dim};
+}
+
+inline ChunkView to_words(ChunkView c, int64_t elem, int64_t word) {
+  const int64_t r = word / elem;
+  if (r == 1) return c;
+  return {c.layer / r, c.plane / r, c.token / r, c.head / r, c.dim};
+}
+
+template <typename Word, bool kGather>
+__global__ void paged_copy_kernel(char* const* layers, const LayerView* views, char* chunk_base, ChunkView chunk,
+                                  const int64_t* slots, CopyShape shape) {
+  const int64_t t = blockIdx.x;
+  const int64_t lp = blockIdx.y;
+  const int64_t slot = slots[t * shape.slot_stride];
+  if (slot < 0) return;
+  const int64_t layer = lp / shape.planes;
+  const int64_t plane = lp % shape.planes;
+  const LayerView v = views[layer];
+  Word* cache = reinterpret_cast<Word*>(layers[layer]);
+  Word* out = reinterpret_cast<Word*>(chunk_base);
+  const int64_t row = shape.heads * shape.head_dim;
+  for (int64_t i = threadIdx.x; i < row; i += blockDim.x) {
+    const int64_t h = i / shape.head_dim;
+    const int64_t d = i % shape.head_dim;
+    const int64_t ci = cache_index(v, slot, shape.block_size, plane, h) + d * v.dim;
+    const int64_t ki = chunk_index(chunk, layer, plane, t, h) + d * chunk.dim;
+    if (kGather) {
+      out[ki] = cache[ci];
+    } else {
+      cache[ci] = out[ki];
+    }
+  }
+}
+
+template <typename Word>
+cudaError_t launch_word(bool gather, char* const* layers, const LayerView* views, char* chunk_base,
+                        const ChunkView& chunk, const int64_t* slots, const CopyShape& shape, cudaStream_t stream) {
+  const int64_t row = shape.heads * shape.head_dim;
+  const int threads = row >= 256 ? 256 : static_cast<int>(((row + 31) / 32) * 32);
+  const dim3 grid(static_cast<unsigned>(shape.tokens), static_cast<unsigned>(shape.num_layers * shape.planes));
+  if (gather) {
+    paged_copy_kernel<Word, true><<<grid, threads, 0, stream>>>(layers, views, chunk_base, chunk, slots, shape);
+  } else {
+    paged_copy_kernel<Word, false><<<grid, threads, 0, stream>>>(layers, views, chunk_base, chunk, slots, shape);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace paged
+}  // namespace lmkv
+
+// C entry point. layer_ptrs/views are DEVICE arrays of num_layers entries; views, chunk strides and head_dim are
+// in words of `word_bytes` (see widest_word/to_words). Returns cudaErrorInvalidValue for shapes the grid cannot
+// hold (tokens >= 2^31, layers * planes > 65535) or an unsupported word size.
+extern "C" cudaError_t lmkv_paged_copy_cuda(int gather, char* const* layer_ptrs, const lmkv::paged::LayerView* views,
+                                            char* chunk_ptr, lmkv::paged::ChunkView chunk, const int64_t* slots,
+                                            lmkv::paged::CopyShape shape, int word_bytes, cudaStream_t stream) {
+  using namespace lmkv::paged;
+  if (shape.tokens <= 0 || shape.num_layers <= 0) return cudaSuccess;
+  if (shape.tokens >= (int64_t{1} << 31) || shape.num_layers * shape.planes > 65535) return cudaErrorInvalidValue;
+  const bool g = gather != 0;
+  switch (word_bytes) {
+    case 1: return launch_word<uint8_t>(g, layer_ptrs, views, chunk_ptr, chunk, slots, shape, stream);
+    case 2: return launch_word<uint16_t>(g, layer_ptrs, views, chunk_ptr, chunk, slots, shape, stream);
+    case 4: return launch_word<uint32_t>(g, layer_ptrs, views, chunk_ptr, chunk, slots, shape, stream);
+    case 8: return launch_word<uint2>(g, layer_ptrs, views, chunk_ptr, chunk, slots, shape, stream);
+    case 16: return launch_word<uint4>(g, layer_ptrs, views, chunk_ptr, chunk, slots, shape, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
