@@ -86,7 +86,8 @@ class DiskConfig:
     path: str = _f("", "directory for objects; empty means <cache_dir>/disk")
     capacity: int = _size("16GiB", "byte capacity; never exceeded")
     serde: str = _f("raw", "how objects are encoded in this tier", choices=("raw", "cachegen"))
-    o_direct: bool = _f(False, "use O_DIRECT for reads and writes where the filesystem allows it")
+    o_direct: bool = _f(False, "use O_DIRECT for reads where the filesystem allows it (writes stay buffered)")
+    policy: str = _f("lru", "eviction policy", choices=("lru", "fifo"))
     io_threads: int = _f(2, "background writer threads", min=1, max=64)
 
 

@@ -1,0 +1,29 @@
+"""Tiered KV storage: memory, local disk and Redis behind one store (see docs/storage.md).
+
+``TieredStore.from_config(config)`` is what the engine uses; the tiers, the object format and the serde
+plug-ins are importable for tests and experiments.
+"""
+
+from __future__ import annotations
+
+from lmkv.storage.base import Tier, TierStats
+from lmkv.storage.memory import MemoryTier
+from lmkv.storage.objects import Encoded, ObjectHeader, parse_header
+from lmkv.storage.serde import CacheGenSerde, RawSerde, get_serde
+from lmkv.storage.tiered import TieredStore
+
+
+def __getattr__(name: str):  # the disk and Redis tiers load lazily (Redis needs redis-py)
+    if name == "DiskTier":
+        from lmkv.storage.disk import DiskTier
+
+        return DiskTier
+    if name == "RedisTier":
+        from lmkv.storage.redis_tier import RedisTier
+
+        return RedisTier
+    raise AttributeError(name)
+
+
+__all__ = ["TieredStore", "Tier", "TierStats", "MemoryTier", "DiskTier", "RedisTier", "Encoded", "ObjectHeader",
+           "parse_header", "RawSerde", "CacheGenSerde", "get_serde"]

@@ -1,0 +1,94 @@
+"""The ``Tier`` protocol every storage tier implements, and the counters they share.
+
+Tiers store encoded objects (:class:`lmkv.storage.objects.Encoded`: header + payload). ``put`` takes ownership
+of the object it is given (it releases it when it is done, possibly later on a background thread); ``get``
+hands an object to the caller, who must release it. ``put`` may complete asynchronously: ``flush`` waits for
+every write accepted so far, and reads see pending writes (read-your-writes) in the meantime. A tier never
+raises for a miss, a corrupt object or an unreachable backend: those are misses (with a warning) and dropped
+writes, counted in :meth:`stats`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Protocol, runtime_checkable
+
+from lmkv.storage.objects import Encoded
+
+log = logging.getLogger("lmkv.storage")
+
+
+@runtime_checkable
+class Tier(Protocol):
+    name: str
+
+    def contains(self, key: str) -> bool: ...
+
+    def batched_contains(self, keys: Sequence[str]) -> int: ...
+
+    def put(self, key: str, obj: Encoded) -> bool: ...
+
+    def batched_put(self, items: Sequence[tuple[str, Encoded]]) -> None: ...
+
+    def get(self, key: str) -> Encoded | None: ...
+
+    def batched_get(self, keys: Sequence[str]) -> list[Encoded | None]: ...
+
+    def remove(self, key: str) -> bool: ...
+
+    def usage_bytes(self) -> int: ...
+
+    def capacity_bytes(self) -> int: ...
+
+    def flush(self, timeout: float | None = None) -> None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    puts: int = 0
+    evictions: int = 0
+    rejected: int = 0  # writes dropped: larger than capacity, no space, disk full, backend down
+    corrupt: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class WarnOnce:
+    """Log a warning the first time per (tier, kind), then at debug level: a flapping backend must not flood
+    the logs of an inference server."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, msg: str, *args: object) -> None:
+        with self._lock:
+            first = kind not in self._seen
+            self._seen.add(kind)
+        log.log(logging.WARNING if first else logging.DEBUG, msg, *args)
+
+    def reset(self, kind: str) -> None:
+        with self._lock:
+            self._seen.discard(kind)
+
+
+def batched_contains_leading(tier: Tier, keys: Sequence[str]) -> int:
+    n = 0
+    for k in keys:
+        if not tier.contains(k):
+            break
+        n += 1
+    return n

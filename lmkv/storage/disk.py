@@ -1,0 +1,335 @@
+"""Local disk tier: one file per object, written atomically on a background thread pool.
+
+Limits: files are written with plain buffered I/O and no fsync (an object is durable once the OS writes it
+back; a torn file after a power loss fails its checksum and reads as a miss). ``o_direct`` applies to reads
+only (aligned buffer, falls back to buffered reads where the filesystem refuses O_DIRECT). The index lives in
+memory and is rebuilt on start by reading each file's header (one small read per object), with recency taken
+from the files' mtimes; leftover ``.tmp`` files from a crash are deleted then.
+
+Each object goes to ``<dir>/<h[:2]>/<h>.obj`` where ``h`` is a BLAKE2b digest of the key; the header inside
+names the key, so a foreign or renamed file is detected. Capacity is accounted in bytes of published files
+plus writes in flight and is never exceeded: a put first reserves its bytes (evicting least recent files), and
+is dropped when it cannot. Reads see pending writes (read-your-writes) without waiting for the disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+import threading
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lmkv.errors import CorruptObject
+from lmkv.storage.base import TierStats, WarnOnce, batched_contains_leading, log
+from lmkv.storage.objects import MAX_HEADER, Encoded, parse_header, verify_payload
+from lmkv.storage.policy import make_policy
+
+_BLOCK = 4096
+
+
+def _write_all(fd: int, bufs: list) -> None:
+    """Write every buffer fully (tests monkeypatch this to inject ENOSPC)."""
+    for buf in bufs:
+        mv = memoryview(buf).cast("B")
+        while len(mv):
+            n = os.write(fd, mv)
+            mv = mv[n:]
+
+
+@dataclass(eq=False)
+class _Job:
+    key: str
+    obj: Encoded
+    size: int
+    refs: int = 1  # the writer's reference; readers of the pending object add theirs
+    done: bool = field(default=False)
+
+
+class DiskTier:
+    name = "disk"
+
+    def __init__(self, path: str | os.PathLike[str], capacity: int, *, io_threads: int = 2,
+                 o_direct: bool = False, policy: str = "lru") -> None:
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
+            raise ValueError(f"capacity must be a byte count >= 0, got {capacity!r}")
+        if not isinstance(io_threads, int) or io_threads < 1:
+            raise ValueError(f"io_threads must be an int >= 1, got {io_threads!r}")
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._capacity = capacity
+        self._o_direct = bool(o_direct) and hasattr(os, "O_DIRECT")
+        self._policy = make_policy(policy)
+        self._index: dict[str, int] = {}  # key -> file size
+        self._pending: dict[str, _Job] = {}
+        self._usage = 0
+        self._inflight = 0
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._stats = TierStats()
+        self._warn = WarnOnce()
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="lmkv-disk")
+        self._closed = False
+        self._rebuild_index()
+
+    # -- files ---------------------------------------------------------------------------------------
+    def file_for(self, key: str) -> Path:
+        h = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+        return self.path / h[:2] / f"{h}.obj"
+
+    def _rebuild_index(self) -> None:
+        found: list[tuple[float, str, int]] = []
+        for sub in sorted(p for p in self.path.iterdir() if p.is_dir() and len(p.name) == 2):
+            for f in sub.iterdir():
+                if f.name.endswith(".tmp"):
+                    f.unlink(missing_ok=True)  # a write interrupted by a crash
+                    continue
+                if not f.name.endswith(".obj"):
+                    continue
+                try:
+                    st = f.stat()
+                    with open(f, "rb", buffering=0) as fh:
+                        head = fh.read(MAX_HEADER)
+                    header = parse_header(head, available=st.st_size)
+                    if self.file_for(header.key) != f:
+                        raise CorruptObject(f"file {f.name} holds key {header.key!r} of another name")
+                except (OSError, CorruptObject) as exc:
+                    self._warn("scan", "disk tier: dropping unreadable object %s on start: %s", f, exc)
+                    f.unlink(missing_ok=True)
+                    continue
+                found.append((st.st_mtime, header.key, st.st_size))
+        for _, key, size in sorted(found):
+            self._index[key] = size
+            self._policy.insert(key)
+            self._usage += size
+        with self._lock:
+            self._make_room(0)  # the capacity may have shrunk since the last run
+
+    def _unlink(self, key: str) -> None:
+        try:
+            self.file_for(key).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # pragma: no cover - permissions changed under us
+            self._warn("unlink", "disk tier: cannot remove %s: %s", self.file_for(key), exc)
+
+    def _drop_entry(self, key: str) -> None:
+        size = self._index.pop(key)
+        self._policy.remove(key)
+        self._usage -= size
+        self._unlink(key)
+
+    def _make_room(self, n: int) -> bool:
+        if self._usage + n <= self._capacity:
+            return True
+        for victim in self._policy.victims():
+            if victim in self._index:
+                self._drop_entry(victim)
+                self._stats.evictions += 1
+                if self._usage + n <= self._capacity:
+                    return True
+        return self._usage + n <= self._capacity
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    def usage_bytes(self) -> int:
+        with self._lock:
+            return self._usage
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._index) + [k for k in self._pending if k not in self._index]
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {**self._stats.as_dict(), "usage_bytes": self._usage, "objects": len(self._index),
+                    "pending": len(self._pending)}
+
+    # -- writes --------------------------------------------------------------------------------------
+    def put(self, key: str, obj: Encoded) -> bool:
+        """Reserve space and queue the write; returns False (and releases ``obj``) when it is dropped."""
+        size = obj.header.total_len
+        with self._lock:
+            ok = not self._closed and size <= self._capacity
+            if ok:
+                if key in self._index:
+                    self._drop_entry(key)
+                ok = self._make_room(size)
+            if not ok:
+                self._stats.rejected += 1
+                self._warn("full", "disk tier: no room for %r (%d bytes, capacity %d); not cached",
+                           key, size, self._capacity)
+                obj.release()
+                return False
+            job = _Job(key, obj, size)
+            self._usage += size
+            self._pending[key] = job
+            self._inflight += 1
+        self._pool.submit(self._write, job)
+        return True
+
+    def batched_put(self, items: Sequence[tuple[str, Encoded]]) -> None:
+        for key, obj in items:
+            self.put(key, obj)
+
+    def _write(self, job: _Job) -> None:
+        final = self.file_for(job.key)
+        tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+        published = False
+        try:
+            header = job.obj.header_bytes()  # computes the payload checksum once, off the caller's thread
+            final.parent.mkdir(exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, [header, job.obj.payload])
+            finally:
+                os.close(fd)
+            with self._lock:
+                if self._pending.get(job.key) is job:
+                    os.replace(tmp, final)
+                    del self._pending[job.key]
+                    self._index[job.key] = job.size
+                    self._policy.insert(job.key)
+                    self._stats.puts += 1
+                    self._stats.bytes_written += job.size
+                    published = True
+        except Exception as exc:
+            kind = "enospc" if isinstance(exc, OSError) and exc.errno == errno.ENOSPC else "write"
+            self._warn(kind, "disk tier: write of %r failed (%s); not cached", job.key, exc)
+            with self._lock:
+                self._stats.rejected += 1
+                self._stats.errors += 1
+        finally:
+            if not published:
+                tmp.unlink(missing_ok=True)
+            with self._lock:
+                if self._pending.get(job.key) is job:
+                    del self._pending[job.key]
+                if not published:
+                    self._usage -= job.size
+                self._inflight -= 1
+                self._idle.notify_all()
+            self._job_release(job)
+
+    def _job_release(self, job: _Job) -> None:
+        with self._lock:
+            job.refs -= 1
+            last = job.refs == 0
+        if last:
+            job.obj.release()
+
+    def flush(self, timeout: float | None = None) -> None:
+        with self._lock:
+            self._idle.wait_for(lambda: self._inflight == 0, timeout)
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            return key in self._pending or key in self._index
+
+    def batched_contains(self, keys: Sequence[str]) -> int:
+        return batched_contains_leading(self, keys)
+
+    def get(self, key: str) -> Encoded | None:
+        with self._lock:
+            job = self._pending.get(key)
+            if job is not None:
+                job.refs += 1
+                self._stats.hits += 1
+                self._stats.bytes_read += job.size
+                return Encoded(job.obj.header, job.obj.payload, owned=False,
+                               release=lambda: self._job_release(job), keepalive=job.obj.keepalive)
+            size = self._index.get(key)
+            if size is None:
+                self._stats.misses += 1
+                return None
+            self._policy.touch(key)
+        try:
+            obj = self._read(key, size)
+        except FileNotFoundError:  # evicted or removed between the index lookup and the open
+            obj = None
+        except (OSError, CorruptObject) as exc:
+            log.warning("disk tier: object %r is unreadable or corrupt (%s); treating it as a miss", key, exc)
+            with self._lock:
+                self._stats.corrupt += 1
+                if self._index.get(key) == size and key not in self._pending:
+                    self._drop_entry(key)
+            obj = None
+        with self._lock:
+            if obj is None:
+                self._stats.misses += 1
+            else:
+                self._stats.hits += 1
+                self._stats.bytes_read += obj.header.total_len
+        return obj
+
+    def _read(self, key: str, size: int) -> Encoded:
+        path = self.file_for(key)
+        fd = -1
+        if self._o_direct:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    raise
+                self._warn("o_direct", "disk tier: O_DIRECT refused here (%s); using buffered reads", exc)
+                self._o_direct = False
+        if fd < 0:
+            fd = os.open(path, os.O_RDONLY)
+        try:
+            actual = os.fstat(fd).st_size
+            if actual > self._capacity:  # bound the allocation before trusting anything in the file
+                raise CorruptObject(f"file is {actual} bytes, larger than the tier ({self._capacity})")
+            if self._o_direct:
+                padded = (actual + _BLOCK - 1) // _BLOCK * _BLOCK
+                keep = mmap.mmap(-1, max(padded, _BLOCK))  # page-aligned, as O_DIRECT requires
+                buf = memoryview(keep)[:padded]
+            else:
+                keep = torch.empty(actual, dtype=torch.uint8)
+                buf = memoryview(keep.numpy()).cast("B")
+            got = 0
+            while got < len(buf):
+                n = os.readv(fd, [buf[got:]])
+                if n == 0:
+                    break
+                got += n
+            if got != actual:
+                raise CorruptObject(f"short read: {got} of {actual} bytes")
+        finally:
+            os.close(fd)
+        data = buf[:actual]
+        header = parse_header(data)
+        if header.key != key:
+            raise CorruptObject(f"file holds key {header.key!r}, expected {key!r}")
+        payload = data[header.header_len:]
+        verify_payload(header, payload)
+        return Encoded(header, payload, owned=True, keepalive=keep)
+
+    def batched_get(self, keys: Sequence[str]) -> list[Encoded | None]:
+        return [self.get(k) for k in keys]
+
+    # -- removal and lifecycle -----------------------------------------------------------------------
+    def remove(self, key: str) -> bool:
+        with self._lock:
+            found = self._pending.pop(key, None) is not None  # its writer sees it is gone and discards it
+            if key in self._index:
+                self._drop_entry(key)
+                found = True
+            return found
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.flush()
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,343 @@
+"""Redis tier (redis-py against a real ``redis-server``): one atomic value per object, pipelined batches.
+
+Limits: capacity and eviction belong to the server (``maxmemory`` and its policy); ``capacity_bytes`` reports
+the server's ``maxmemory`` (0 = unlimited) and ``usage_bytes`` its ``used_memory``. Writes go through one
+background thread, in order with removals, pipelined in batches; a value is sent as ``MULTI; SET k header;
+APPEND k payload; EXEC`` so the large payload is never concatenated in Python and no reader can see half an
+object. Values larger than 512 MiB (Redis' default bulk limit) are dropped.
+
+Failures never reach the caller: when the server is unreachable or slower than ``socket_timeout`` the tier logs
+once, reads become misses and writes are dropped, and the connection is retried after ``retry_backoff`` seconds
+(doubling, capped at 30 s); while it is down no call touches the network, so nothing blocks longer than the
+timeout. redis-py's own retries are disabled for that reason. A value that fails its header or checksum
+validation is a miss with a warning and is deleted.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lmkv.errors import CorruptObject
+from lmkv.storage.base import TierStats, WarnOnce, log
+from lmkv.storage.objects import Encoded, parse_header, verify_payload
+
+MAX_VALUE = 512 << 20
+_BATCH_BYTES = 64 << 20
+_BATCH_OPS = 128
+_MAX_BACKOFF = 30.0
+
+
+@dataclass(eq=False)
+class _Op:
+    key: str
+    obj: Encoded | None  # None: a removal (tombstone)
+    size: int = 0
+    refs: int = 1
+
+
+class RedisTier:
+    name = "redis"
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, password: str = "", key_prefix: str = "lmkv:",
+                 socket_timeout: float = 0.5, retry_backoff: float = 1.0) -> None:
+        import redis  # lazy: only deployments with a Redis tier need redis-py
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"url must start with redis://, rediss:// or unix://, got {url!r}")
+        if socket_timeout <= 0:
+            raise ValueError(f"socket_timeout must be > 0, got {socket_timeout!r}")
+        self._redis = redis
+        self._errors = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self.url = url
+        self.prefix = key_prefix
+        self._timeout = float(socket_timeout)
+        self._backoff0 = float(retry_backoff)
+        self._backoff = self._backoff0
+        self._down_until = 0.0
+        self.client = redis.Redis.from_url(
+            url, password=password or None, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
+        )
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._pending: dict[str, _Op] = {}
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._inflight = 0
+        self._stats = TierStats()
+        self._warn = WarnOnce()
+        self._closed = False
+        self._writer = threading.Thread(target=self._writer_loop, name="lmkv-redis-writer", daemon=True)
+        self._writer.start()
+
+    # -- availability --------------------------------------------------------------------------------
+    def _rkey(self, key: str) -> str:
+        return self.prefix + key
+
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self._stats.errors += 1
+            self._down_until = time.monotonic() + self._backoff
+            wait, self._backoff = self._backoff, min(_MAX_BACKOFF, max(self._backoff * 2, 0.05))
+        self._warn("down", "redis tier: %s unreachable (%s); reads miss and writes are dropped, retrying in %.2fs",
+                   self.url, exc, wait)
+
+    def _ok(self) -> None:
+        if self._backoff != self._backoff0:
+            with self._lock:
+                self._backoff = self._backoff0
+            log.info("redis tier: %s reachable again", self.url)
+            self._warn.reset("down")
+
+    def _call(self, fn: Any, default: Any) -> Any:
+        if not self.available():
+            return default
+        try:
+            out = fn()
+        except self._errors as exc:
+            self._failed(exc)
+            return default
+        self._ok()
+        return out
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+    def capacity_bytes(self) -> int:
+        cfg = self._call(lambda: self.client.config_get("maxmemory"), {})
+        return int(cfg.get("maxmemory", 0) or 0) if isinstance(cfg, dict) else 0
+
+    def usage_bytes(self) -> int:
+        info = self._call(lambda: self.client.info("memory"), {})
+        return int(info.get("used_memory", 0)) if isinstance(info, dict) else 0
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {**self._stats.as_dict(), "pending": len(self._pending), "up": int(self.available())}
+
+    # -- writes --------------------------------------------------------------------------------------
+    def put(self, key: str, obj: Encoded) -> bool:
+        size = obj.header.total_len
+        with self._lock:
+            if self._closed or size > MAX_VALUE or not self.available():
+                self._stats.rejected += 1
+                obj.release()
+                return False
+            op = _Op(key, obj, size)
+            self._pending[key] = op
+            self._inflight += 1
+        self._queue.put(op)
+        return True
+
+    def batched_put(self, items: Sequence[tuple[str, Encoded]]) -> None:
+        for key, obj in items:
+            self.put(key, obj)
+
+    def remove(self, key: str) -> bool:
+        with self._lock:
+            prior = self._pending.get(key)
+        found = (prior.obj is not None) if prior is not None else bool(
+            self._call(lambda: self.client.exists(self._rkey(key)), 0))
+        op = _Op(key, None)
+        with self._lock:
+            self._pending[key] = op
+            self._inflight += 1
+        self._queue.put(op)
+        return found
+
+    def _writer_loop(self) -> None:
+        while True:
+            op = self._queue.get()
+            if op is None:
+                return
+            batch, nbytes = [op], op.size
+            while len(batch) < _BATCH_OPS and nbytes < _BATCH_BYTES:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+                nbytes += nxt.size
+            self._send(batch)
+
+    def _send(self, batch: list[_Op]) -> None:
+        sent: list[_Op] = []
+        try:
+            with self._lock:
+                live = [op for op in batch if self._pending.get(op.key) is op or op.obj is None]
+            if live and self.available():
+                # One MULTI/EXEC per batch: SET header + APPEND payload become one atomic value without
+                # joining header and payload in Python, and the batch costs one round trip.
+                pipe = self.client.pipeline(transaction=True)
+                for op in live:
+                    rkey = self._rkey(op.key)
+                    if op.obj is None:
+                        pipe.delete(rkey)
+                    else:
+                        pipe.set(rkey, op.obj.header_bytes())
+                        pipe.append(rkey, memoryview(op.obj.payload).cast("B"))
+                pipe.execute()
+                self._ok()
+                sent = live
+        except self._errors as exc:
+            self._failed(exc)
+        except Exception as exc:  # a bug or a server error reply: drop the batch, never kill the writer
+            self._warn("write", "redis tier: batch write failed (%s); dropped", exc)
+            with self._lock:
+                self._stats.errors += 1
+        finally:
+            with self._lock:
+                for op in batch:
+                    if op.obj is not None:
+                        if op in sent:
+                            self._stats.puts += 1
+                            self._stats.bytes_written += op.size
+                        else:
+                            self._stats.rejected += 1
+                    if self._pending.get(op.key) is op:
+                        del self._pending[op.key]
+                    self._inflight -= 1
+                self._idle.notify_all()
+            for op in batch:
+                self._op_release(op)
+
+    def _op_release(self, op: _Op) -> None:
+        with self._lock:
+            op.refs -= 1
+            last = op.refs == 0
+        if last and op.obj is not None:
+            op.obj.release()
+
+    def flush(self, timeout: float | None = None) -> None:
+        with self._lock:
+            self._idle.wait_for(lambda: self._inflight == 0, timeout)
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def _pending_lookup(self, key: str) -> tuple[bool, Encoded | None]:
+        """(known, object): whether a queued put/remove decides this key, and the pending object if a put."""
+        with self._lock:
+            op = self._pending.get(key)
+            if op is None:
+                return False, None
+            if op.obj is None:
+                return True, None
+            op.refs += 1
+            return True, Encoded(op.obj.header, op.obj.payload, owned=False,
+                                 release=lambda: self._op_release(op), keepalive=op.obj.keepalive)
+
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            op = self._pending.get(key)
+            if op is not None:
+                return op.obj is not None
+        return bool(self._call(lambda: self.client.exists(self._rkey(key)), 0))
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """Membership of every key in one pipelined round trip (pending writes and removals win)."""
+        keys = list(keys)
+        if not keys:
+            return []
+
+        def fetch() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for k in keys:
+                pipe.exists(self._rkey(k))
+            return pipe.execute()
+
+        remote = self._call(fetch, None) or [0] * len(keys)
+        out = []
+        with self._lock:
+            for k, r in zip(keys, remote):
+                op = self._pending.get(k)
+                out.append((op.obj is not None) if op is not None else bool(r))
+        return out
+
+    def batched_contains(self, keys: Sequence[str]) -> int:
+        n = 0
+        for hit in self.contains_many(keys):
+            if not hit:
+                break
+            n += 1
+        return n
+
+    def _decode(self, key: str, value: Any) -> Encoded | None:
+        if value is None:
+            return None
+        try:
+            if not isinstance(value, bytes):
+                raise CorruptObject(f"unexpected reply type {type(value).__name__}")
+            header = parse_header(value)
+            if header.key != key:
+                raise CorruptObject(f"value holds key {header.key!r}, expected {key!r}")
+            payload = memoryview(value)[header.header_len:]
+            verify_payload(header, payload)
+        except CorruptObject as exc:
+            log.warning("redis tier: value of %r is corrupt or foreign (%s); treating it as a miss", key, exc)
+            with self._lock:
+                self._stats.corrupt += 1
+            self._call(lambda: self.client.delete(self._rkey(key)), 0)
+            return None
+        return Encoded(header, payload, owned=True, keepalive=value)
+
+    def _count(self, obj: Encoded | None) -> None:
+        with self._lock:
+            if obj is None:
+                self._stats.misses += 1
+            else:
+                self._stats.hits += 1
+                self._stats.bytes_read += obj.header.total_len
+
+    def get(self, key: str) -> Encoded | None:
+        known, obj = self._pending_lookup(key)
+        if not known:
+            obj = self._decode(key, self._call(lambda: self.client.get(self._rkey(key)), None))
+        self._count(obj)
+        return obj
+
+    def batched_get(self, keys: Sequence[str]) -> list[Encoded | None]:
+        keys = list(keys)
+        out: list[Encoded | None] = [None] * len(keys)
+        remote: list[int] = []
+        for i, k in enumerate(keys):
+            known, obj = self._pending_lookup(k)
+            if known:
+                out[i] = obj
+            else:
+                remote.append(i)
+        if remote:
+            def fetch() -> list[Any]:
+                pipe = self.client.pipeline(transaction=False)
+                for i in remote:
+                    pipe.get(self._rkey(keys[i]))
+                return pipe.execute()
+
+            values = self._call(fetch, None) or [None] * len(remote)
+            for i, v in zip(remote, values):
+                out[i] = self._decode(keys[i], v)
+        for obj in out:
+            self._count(obj)
+        return out
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.flush(timeout=max(5.0, 4 * self._timeout))
+        self._queue.put(None)
+        self._writer.join(timeout=5.0)
+        try:
+            self.client.close()
+        except Exception:  # pragma: no cover - closing a broken connection
+            pass

@@ -1,0 +1,144 @@
+"""Serde plug-ins: how a KV tensor becomes a stored object's payload and back.
+
+``raw`` stores the tensor's bytes as they are (zero-copy on encode; decode copies into ``out`` or wraps an
+owned buffer without a copy). ``cachegen`` stores ``lmkv.ops.codec.encode(kv)`` (lossy quantization +
+lossless arithmetic coding), imported lazily so the storage layer works before the codec exists. The header
+always records the decoded tensor's dtype and shape, so a reader needs no configuration to decode.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Protocol
+
+import torch
+
+from lmkv.errors import CorruptObject
+from lmkv.storage.objects import Encoded, ObjectHeader, dtype_code, validate_fields
+from lmkv.types import DTYPES_BY_CODE
+
+# Redis replies are immutable ``bytes`` that only the returned tensor references; wrapping them without a
+# copy is what keeps Redis reads near the plain GET rate, so torch's read-only warning is silenced here only.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", module=__name__)
+
+
+class Serde(Protocol):
+    name: str
+    code: int
+
+    def encode(self, key: str, kv: torch.Tensor, fingerprint: bytes) -> Encoded: ...
+
+    def decode(self, obj: Encoded, out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def _check_out(out: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if out.dtype != dtype or tuple(out.shape) != shape:
+        raise ValueError(f"out has {out.dtype} {tuple(out.shape)}, stored object is {dtype} {shape}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+
+
+def tensor_bytes(kv: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, bf16/fp8 included)."""
+    flat = kv.reshape(-1).view(torch.uint8) if kv.numel() else torch.empty(0, dtype=torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+def _bytes_tensor(buf: Any) -> torch.Tensor:
+    mv = memoryview(buf).cast("B")
+    if len(mv) == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(mv, dtype=torch.uint8)
+
+
+class RawSerde:
+    name = "raw"
+    code = 1
+
+    def encode(self, key: str, kv: torch.Tensor, fingerprint: bytes) -> Encoded:
+        if kv.device.type != "cpu":
+            kv = kv.to("cpu")
+        kv = kv.contiguous()
+        shape = tuple(int(s) for s in kv.shape)
+        validate_fields(key, fingerprint, shape)
+        payload = tensor_bytes(kv)
+        header = ObjectHeader(key, bytes(fingerprint), dtype_code(kv.dtype), shape, self.code, len(payload))
+        return Encoded(header, payload, owned=False, keepalive=kv)
+
+    def decode(self, obj: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
+        h = obj.header
+        dtype = DTYPES_BY_CODE[h.dtype_code]
+        shape = tuple(h.shape)
+        elem = torch.empty((), dtype=dtype).element_size()
+        n = 1
+        for s in shape:
+            n *= s
+        if n * elem != h.payload_len or len(memoryview(obj.payload).cast("B")) != h.payload_len:
+            raise CorruptObject(f"raw payload of {h.payload_len} bytes does not hold {dtype} {shape}")
+        src = _bytes_tensor(obj.payload)
+        if out is not None:
+            _check_out(out, dtype, shape)
+            out.reshape(-1).view(torch.uint8).copy_(src)
+            return out
+        if not obj.owned:
+            src = src.clone()
+        return src.view(dtype).reshape(shape) if n else torch.empty(shape, dtype=dtype)
+
+
+class CacheGenSerde:
+    name = "cachegen"
+    code = 2
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config
+
+    @staticmethod
+    def _codec() -> Any:
+        from lmkv.ops import codec  # lazy: the codec is optional for storage
+
+        return codec
+
+    def encode(self, key: str, kv: torch.Tensor, fingerprint: bytes) -> Encoded:
+        shape = tuple(int(s) for s in kv.shape)
+        validate_fields(key, fingerprint, shape)
+        blob = self._codec().encode(kv.contiguous(), config=self.config)
+        header = ObjectHeader(key, bytes(fingerprint), dtype_code(kv.dtype), shape, self.code, len(blob))
+        return Encoded(header, blob, owned=True)
+
+    def decode(self, obj: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
+        h = obj.header
+        dtype = DTYPES_BY_CODE[h.dtype_code]
+        try:
+            kv = self._codec().decode(bytes(memoryview(obj.payload).cast("B")))
+        except (ValueError, RuntimeError) as exc:  # CodecError is a ValueError
+            raise CorruptObject(f"cachegen payload of {h.key!r} does not decode: {exc}") from None
+        if kv.dtype != dtype or tuple(kv.shape) != tuple(h.shape):
+            raise CorruptObject(f"cachegen payload decodes to {kv.dtype} {tuple(kv.shape)}, header says "
+                                f"{dtype} {tuple(h.shape)}")
+        if out is not None:
+            _check_out(out, dtype, tuple(h.shape))
+            out.copy_(kv)
+            return out
+        return kv
+
+
+SERDES: dict[str, type] = {"raw": RawSerde, "cachegen": CacheGenSerde}
+SERDE_NAMES_BY_CODE = {RawSerde.code: "raw", CacheGenSerde.code: "cachegen"}
+
+
+def get_serde(name: str, config: Any = None) -> Serde:
+    if name == "raw":
+        return RawSerde()
+    if name == "cachegen":
+        return CacheGenSerde(config)
+    raise ValueError(f"serde must be one of {sorted(SERDES)}, got {name!r}")
+
+
+def serde_for_code(code: int, config: Any = None) -> Serde:
+    try:
+        return get_serde(SERDE_NAMES_BY_CODE[code], config)
+    except KeyError:
+        raise CorruptObject(f"unknown serde code {code}") from None
+
+
+__all__ = ["Serde", "RawSerde", "CacheGenSerde", "get_serde", "serde_for_code", "tensor_bytes"]

@@ -1,0 +1,370 @@
+"""TieredStore: write-through to every tier, waterfall reads with promotion, prefetch, per-tier counters.
+
+Tiers are ordered hot to cold (memory, disk, redis). ``put`` copies the tensor into the memory tier on the
+caller's thread and hands the lower tiers a pinned view of that copy (a lease), so the caller may reuse its
+tensor as soon as ``put`` returns and the lower tiers write in the background; ``flush`` waits for them.
+``get`` asks the tiers in order; a hit below the top is promoted into the tiers above it. A fingerprint
+mismatch, or a corrupt or foreign object, is a miss with a warning (the corrupt object is deleted), never an
+exception and never wrong KV. Tiers whose serde is ``cachegen`` encode on a background thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from lmkv.errors import CorruptObject
+from lmkv.storage.base import Tier, log
+from lmkv.storage.memory import MemoryTier
+from lmkv.storage.objects import MAX_FINGERPRINT, MAX_NDIM, Encoded, dtype_code, validate_fields
+from lmkv.storage.serde import RawSerde, Serde, get_serde, serde_for_code
+
+_LAST_TIER_KEYS = 4096
+
+
+def _check_put_args(key: Any, kv: Any, fingerprint: Any) -> None:
+    if not isinstance(kv, torch.Tensor):
+        raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+    dtype_code(kv.dtype)
+    if kv.dim() > MAX_NDIM:
+        raise ValueError(f"kv has {kv.dim()} dimensions; the limit is {MAX_NDIM}")
+    validate_fields(key, fingerprint, tuple(kv.shape))
+
+
+class TieredStore:
+    def __init__(self, tiers: Sequence[Tier], serdes: Sequence[str] | None = None, *, codec_config: Any = None,
+                 background_threads: int = 1) -> None:
+        if not tiers:
+            raise ValueError("tiers must name at least one tier")
+        self.tiers: list[Tier] = list(tiers)
+        names = serdes or ["raw"] * len(self.tiers)
+        if len(names) != len(self.tiers):
+            raise ValueError(f"serdes has {len(names)} entries for {len(self.tiers)} tiers")
+        self.serdes: list[Serde] = [get_serde(n, codec_config) for n in names]
+        self._codec_config = codec_config
+        self._memory = self.tiers[0] if isinstance(self.tiers[0], MemoryTier) and names[0] == "raw" else None
+        self._bg = ThreadPoolExecutor(background_threads, thread_name_prefix="lmkv-store")
+        self._lock = threading.RLock()
+        self._bg_jobs: set[Future] = set()
+        self._epoch: dict[str, int] = {}  # bumped by put/remove so a stale background encode is discarded
+        self._last_tier: OrderedDict[str, str] = OrderedDict()
+        self._counts = {"hits": 0, "misses": 0, "fingerprint_mismatch": 0, "corrupt": 0, "promotions": 0}
+        self._closed = False
+
+    # -- construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Any = None) -> TieredStore:
+        """Memory + disk by default; Redis when ``redis.enabled``. ``config`` is an LmkvConfig, a YAML path,
+        a dict or None (defaults + environment), as :func:`lmkv.config.load` takes."""
+        from lmkv.config import load
+        from lmkv.paths import cache_dir
+
+        cfg = load(config)
+        tiers: list[Tier] = []
+        serdes: list[str] = []
+        if cfg.memory.enabled:
+            tiers.append(MemoryTier(cfg.memory.capacity, policy=cfg.memory.policy, pinned=cfg.memory.pinned))
+            serdes.append(cfg.memory.serde)
+        if cfg.disk.enabled:
+            from lmkv.storage.disk import DiskTier
+
+            path = cfg.disk.path or str(cache_dir() / "disk")
+            tiers.append(DiskTier(path, cfg.disk.capacity, io_threads=cfg.disk.io_threads, o_direct=cfg.disk.o_direct,
+                                  policy=cfg.disk.policy))
+            serdes.append(cfg.disk.serde)
+        if cfg.redis.enabled:
+            from lmkv.storage.redis_tier import RedisTier
+
+            r = cfg.redis
+            tiers.append(RedisTier(r.url, password=r.password, key_prefix=r.key_prefix,
+                                   socket_timeout=r.socket_timeout, retry_backoff=r.retry_backoff))
+            serdes.append(r.serde)
+        if not tiers:
+            raise ValueError("configuration enables no storage tier (memory, disk and redis are all disabled)")
+        return cls(tiers, serdes, codec_config=cfg.codec)
+
+    def tier(self, name: str) -> Tier:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(f"no tier named {name!r} (have {[t.name for t in self.tiers]})")
+
+    # -- writes --------------------------------------------------------------------------------------
+    def put(self, key: str, kv: torch.Tensor, *, fingerprint: bytes) -> None:
+        """Store ``kv`` under ``key`` in every tier: the top tier synchronously, the others in the background."""
+        _check_put_args(key, kv, fingerprint)
+        if self._closed:
+            raise ValueError("store is closed")
+        self._store(range(len(self.tiers)), key, kv.detach(), bytes(fingerprint))
+
+    def batched_put(self, keys: Sequence[str], kvs: Sequence[torch.Tensor], fingerprints: Sequence[bytes]) -> None:
+        if not (len(keys) == len(kvs) == len(fingerprints)):
+            raise ValueError("keys, kvs and fingerprints must have the same length")
+        for k, kv, fp in zip(keys, kvs, fingerprints):
+            _check_put_args(k, kv, fp)
+        for k, kv, fp in zip(keys, kvs, fingerprints):
+            self._store(range(len(self.tiers)), k, kv.detach(), bytes(fp))
+
+    def _bump(self, key: str) -> None:
+        with self._lock:
+            if key in self._epoch:
+                self._epoch[key] += 1
+
+    def _store(self, which: Sequence[int] | range, key: str, kv: torch.Tensor, fingerprint: bytes) -> None:
+        self._bump(key)
+        if kv.device.type != "cpu":
+            kv = kv.to("cpu")
+        kv = kv.contiguous()
+        which = list(which)
+        snapshot: torch.Tensor | None = None
+        in_memory = False
+        if self._memory is not None and which and which[0] == 0:
+            in_memory = self._memory.put(key, RawSerde().encode(key, kv, fingerprint))
+            which = which[1:]
+        for i in which:
+            tier, serde = self.tiers[i], self.serdes[i]
+            lease = self._memory.peek(key) if in_memory and self._memory is not None else None
+            if lease is None and snapshot is None:
+                snapshot = kv.clone()  # the caller may overwrite kv once put returns
+            if isinstance(serde, RawSerde):
+                obj = lease if lease is not None else RawSerde().encode(key, snapshot, fingerprint)
+                tier.put(key, obj)
+            else:
+                self._submit_encode(i, key, lease, snapshot, kv.dtype, tuple(kv.shape), fingerprint)
+
+    def _submit_encode(self, i: int, key: str, lease: Encoded | None, snapshot: torch.Tensor | None,
+                       dtype: torch.dtype, shape: tuple[int, ...], fingerprint: bytes) -> None:
+        with self._lock:
+            epoch = self._epoch.setdefault(key, 0)
+
+        def job() -> None:
+            try:
+                if lease is not None:
+                    src = RawSerde().decode(lease)  # a private copy: the lease is released right after
+                else:
+                    src = snapshot
+                obj = self.serdes[i].encode(key, src, fingerprint)
+            except Exception as exc:
+                log.warning("storage: %s encode of %r for tier %s failed (%s); not stored there",
+                            self.serdes[i].name, key, self.tiers[i].name, exc)
+                return
+            finally:
+                if lease is not None:
+                    lease.release()
+            with self._lock:
+                if self._epoch.get(key) == epoch:
+                    self.tiers[i].put(key, obj)
+                else:
+                    obj.release()
+
+        self._spawn(job)
+
+    def _spawn(self, fn: Any) -> Future:
+        fut = self._bg.submit(fn)
+        with self._lock:
+            self._bg_jobs.add(fut)
+        fut.add_done_callback(self._job_done)
+        return fut
+
+    def _job_done(self, fut: Future) -> None:
+        with self._lock:
+            self._bg_jobs.discard(fut)
+        if fut.exception() is not None:  # pragma: no cover - jobs catch their own errors
+            log.warning("storage: background job failed: %s", fut.exception())
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def _decode(self, idx: int, key: str, obj: Encoded, fingerprint: bytes | None,
+                out: torch.Tensor | None) -> torch.Tensor | None:
+        """Decode one hit; None (with a warning) for a fingerprint mismatch or a corrupt object."""
+        with obj:
+            h = obj.header
+            if h.key != key:  # tiers check this too; a second check costs nothing
+                log.warning("storage: tier %s returned key %r for %r; treating it as a miss",
+                            self.tiers[idx].name, h.key, key)
+                return None
+            if fingerprint is not None and h.fingerprint != fingerprint:
+                log.warning("storage: %r is stored for other tokens (fingerprint mismatch in tier %s); miss",
+                            key, self.tiers[idx].name)
+                with self._lock:
+                    self._counts["fingerprint_mismatch"] += 1
+                return None
+            try:
+                return serde_for_code(h.serde, self._codec_config).decode(obj, out)
+            except CorruptObject as exc:
+                log.warning("storage: object %r in tier %s does not decode (%s); miss", key,
+                            self.tiers[idx].name, exc)
+                with self._lock:
+                    self._counts["corrupt"] += 1
+                self.tiers[idx].remove(key)
+                return None
+
+    def _hit(self, idx: int, key: str, kv: torch.Tensor, fingerprint: bytes) -> None:
+        with self._lock:
+            self._counts["hits"] += 1
+            self._last_tier[key] = self.tiers[idx].name
+            self._last_tier.move_to_end(key)
+            while len(self._last_tier) > _LAST_TIER_KEYS:
+                self._last_tier.popitem(last=False)
+            if idx:
+                self._counts["promotions"] += 1
+        if idx:
+            self._store(range(idx), key, kv, fingerprint)
+
+    def _miss(self, key: str) -> None:
+        with self._lock:
+            self._counts["misses"] += 1
+            self._last_tier.pop(key, None)
+
+    def get_with_tier(self, key: str, *, fingerprint: bytes | None = None,
+                      out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, str | None]:
+        """``(kv, tier name)`` of a hit, ``(None, None)`` for a miss."""
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, got {type(key).__name__}")
+        if fingerprint is not None and (not isinstance(fingerprint, (bytes, bytearray))
+                                        or len(fingerprint) > MAX_FINGERPRINT):
+            raise TypeError(f"fingerprint must be bytes of at most {MAX_FINGERPRINT}, got {fingerprint!r}")
+        for idx, tier in enumerate(self.tiers):
+            obj = tier.get(key)
+            if obj is None:
+                continue
+            fp = obj.header.fingerprint
+            kv = self._decode(idx, key, obj, fingerprint, out)
+            if kv is None:
+                if fingerprint is not None and fp != fingerprint:
+                    break  # the key is taken by other tokens: lower tiers hold the same object
+                continue
+            self._hit(idx, key, kv, fp)
+            return kv, tier.name
+        self._miss(key)
+        return None, None
+
+    def get(self, key: str, *, fingerprint: bytes | None = None, out: torch.Tensor | None = None
+            ) -> torch.Tensor | None:
+        """The tensor stored under ``key`` or None. ``out`` (contiguous, right dtype and shape) receives the
+        data without an allocation."""
+        return self.get_with_tier(key, fingerprint=fingerprint, out=out)[0]
+
+    def batched_get(self, keys: Sequence[str], fingerprints: Sequence[bytes | None] | None = None
+                    ) -> list[torch.Tensor | None]:
+        """One result per key; each tier is asked once for every key still missing (Redis: one round trip)."""
+        keys = list(keys)
+        fps = list(fingerprints) if fingerprints is not None else [None] * len(keys)
+        if len(fps) != len(keys):
+            raise ValueError(f"fingerprints has {len(fps)} entries for {len(keys)} keys")
+        out: list[torch.Tensor | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for idx, tier in enumerate(self.tiers):
+            if not todo:
+                break
+            objs = tier.batched_get([keys[i] for i in todo])
+            left = []
+            for i, obj in zip(todo, objs):
+                if obj is None:
+                    left.append(i)
+                    continue
+                fp = obj.header.fingerprint
+                kv = self._decode(idx, keys[i], obj, fps[i], None)
+                if kv is None:
+                    if not (fps[i] is not None and fp != fps[i]):
+                        left.append(i)
+                    continue
+                out[i] = kv
+                self._hit(idx, keys[i], kv, fp)
+            todo = left
+        for i, kv in enumerate(out):
+            if kv is None:
+                self._miss(keys[i])
+        return out
+
+    def last_hit_tier(self, key: str) -> str | None:
+        """Name of the tier that served the most recent hit of ``key`` (None after a miss)."""
+        with self._lock:
+            return self._last_tier.get(key)
+
+    def contains(self, key: str) -> bool:
+        return any(t.contains(key) for t in self.tiers)
+
+    def batched_contains(self, keys: Sequence[str]) -> int:
+        """How many of ``keys``, from the first, are held by some tier (prefix lookup)."""
+        keys = list(keys)
+        hit = [False] * len(keys)
+        for tier in self.tiers:
+            todo = [i for i, h in enumerate(hit) if not h]
+            if not todo:
+                break
+            many = getattr(tier, "contains_many", None)
+            sub = [keys[i] for i in todo]
+            found = many(sub) if many is not None else [tier.contains(k) for k in sub]
+            for i, f in zip(todo, found):
+                hit[i] = bool(f)
+        n = 0
+        for h in hit:
+            if not h:
+                break
+            n += 1
+        return n
+
+    def remove(self, key: str) -> bool:
+        self._bump(key)
+        found = False
+        for t in self.tiers:
+            found = t.remove(key) or found
+        with self._lock:
+            self._last_tier.pop(key, None)
+        return found
+
+    def prefetch(self, keys: Sequence[str]) -> Future:
+        """Warm the top tier with ``keys`` in the background; the Future resolves to how many are there."""
+        keys = list(keys)
+
+        def job() -> int:
+            n = 0
+            for k in keys:
+                if self.tiers[0].contains(k) or self.get(k) is not None:
+                    n += 1
+            return n
+
+        return self._spawn(job)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every accepted write (and background encode/prefetch) has reached its tier."""
+        while True:
+            with self._lock:
+                jobs = list(self._bg_jobs)
+            if not jobs:
+                break
+            for f in jobs:
+                f.exception(timeout)
+        for t in self.tiers:
+            t.flush(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            store = dict(self._counts)
+        return {"store": store, **{t.name: t.stats() for t in self.tiers}}
+
+    def assert_no_leaks(self) -> None:
+        self.flush()
+        if self._memory is not None:
+            self._memory.assert_no_leaks()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        self._bg.shutdown(wait=True)
+        for t in self.tiers:
+            t.close()
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
