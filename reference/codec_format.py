@@ -45,7 +45,7 @@ HEADER = struct.Struct("<4sBBBBIIIIHB")
 CRC = struct.Struct("<I")
 CODEC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOTAL = 1 << 16
-LIMITS = {"L": 1 << 12, "T": 1 << 24, "H": 1 << 12, "D": 1 << 16, "elements": 1 << 31, "groups": 256}
+LIMITS = {"L": 1 << 12, "T": 1 << 24, "H": 1 << 12, "D": 1 << 16, "elements": 1 << 28, "groups": 256}
 
 
 def alphabet(bins: np.ndarray | torch.Tensor | int) -> np.ndarray | torch.Tensor | int:
