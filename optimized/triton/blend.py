@@ -3,6 +3,7 @@
 Limits: fp32/fp16/bf16 keys, made contiguous ``[M, T, H, D]``; fp32 math with ``tl.cos``/``tl.sin`` (may differ
 from torch by an ulp: agreement is "within 2x the reference's own error"). Offsets are int64. On CPU it runs only
 under ``TRITON_INTERPRET=1`` (~0.5 ms per program), so the tile is large there and small (64 rows) on GPUs.
+bf16 results are rounded to nearest even by hand on the bits (the interpreter's fp32->bf16 cast truncates).
 Pass-through dims of partial RoPE are copied by torch before the kernel writes the rotary dims.
 """
 
@@ -17,7 +18,7 @@ from lmkv.reference.rope import RopeSpec
 
 @triton.jit
 def _rerotate_kernel(in_ptr, out_ptr, delta_ptr, freq_ptr, rows, tokens, heads, head_dim,
-                     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+                     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BF16_BITS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)  # [BR]
     col = tl.arange(0, HALF_PAD)  # [HP]
@@ -35,8 +36,16 @@ def _rerotate_kernel(in_ptr, out_ptr, delta_ptr, freq_ptr, rows, tokens, heads, 
     x2 = tl.load(in_ptr + base + HALF, mask=mask, other=0.0).to(tl.float32)
     o1 = x1 * c - x2 * s
     o2 = x2 * c + x1 * s
-    tl.store(out_ptr + base, o1.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + base + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)
+    if BF16_BITS:  # out_ptr is the bf16 output viewed as int16: round to nearest even by hand
+        b1 = o1.to(tl.uint32, bitcast=True)
+        b2 = o2.to(tl.uint32, bitcast=True)
+        b1 = (b1 + 0x7FFF + ((b1 >> 16) & 1)) >> 16
+        b2 = (b2 + 0x7FFF + ((b2 >> 16) & 1)) >> 16
+        tl.store(out_ptr + base, b1.to(tl.int16), mask=mask)
+        tl.store(out_ptr + base + HALF, b2.to(tl.int16), mask=mask)
+    else:
+        tl.store(out_ptr + base, o1.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + base + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rerotate(keys: torch.Tensor, old_positions: torch.Tensor, new_positions: torch.Tensor,
@@ -56,6 +65,7 @@ def rerotate(keys: torch.Tensor, old_positions: torch.Tensor, new_positions: tor
     else:
         block_rows = 64
     grid = (triton.cdiv(rows, block_rows),)
-    _rerotate_kernel[grid](src, out, delta, freq, rows, tokens, heads, head_dim,
-                           HALF=half, HALF_PAD=half_pad, BLOCK_ROWS=block_rows)
+    bf16 = src.dtype == torch.bfloat16
+    _rerotate_kernel[grid](src, out.view(torch.int16) if bf16 else out, delta, freq, rows, tokens, heads, head_dim,
+                           HALF=half, HALF_PAD=half_pad, BLOCK_ROWS=block_rows, BF16_BITS=bf16)
     return out
