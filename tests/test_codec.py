@@ -1,0 +1,327 @@
+"""CacheGen codec: range coder round trips and byte identity across backends, quantization error bounds, the
+blob format's validation (fuzzed), and argument errors. The Python reference coder is slow: tiny inputs for it."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from lmkv.reference import codec as ref
+from lmkv.reference import codec_format as fmt
+from lmkv.reference.codec_rangecoder import TOTAL, freq_to_cdf, normalize_counts
+
+from lmkv.config import CodecConfig
+from lmkv.errors import CodecError
+from lmkv.ops import codec
+
+BACKENDS = codec.encode.available_backends("cpu")
+EXT = "ext" in BACKENDS
+
+
+def needs_ext() -> None:
+    if not EXT:
+        pytest.skip(f"ext backend unavailable: {codec.encode.unavailable_reason('ext')}")
+
+
+def test_ext_backend_is_available_here() -> None:
+    # CI has a compiler: a silently missing ext backend would hide every agreement test below.
+    assert EXT, codec.encode.unavailable_reason("ext")
+
+
+# ------------------------------------------------------------------------------------------------ coder
+@st.composite
+def streams(draw: st.DrawFn, max_s: int = 4, max_t: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symbols [S, T] drawn from a per-stream distribution (uniform, skewed, single symbol) and their cdf."""
+    S = draw(st.integers(1, max_s))
+    T = draw(st.integers(1, max_t))
+    n = draw(st.integers(2, 40))
+    seed = draw(st.integers(0, 2**31 - 1))
+    kind = draw(st.sampled_from(["uniform", "skew", "extreme", "single", "two"]))
+    g = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        w = torch.ones(S, n)
+    elif kind == "skew":
+        w = torch.rand(S, n, generator=g) ** 4
+    elif kind == "extreme":
+        w = torch.full((S, n), 1e-6)
+        w[:, 0] = 1.0
+    elif kind == "single":
+        w = torch.zeros(S, n)
+        w[:, n - 1] = 1.0  # the last symbol: its normalised table lends to the previous one
+    else:
+        w = torch.zeros(S, n)
+        w[:, :2] = 1.0
+    sym = torch.multinomial(w, T, replacement=True, generator=g).to(torch.uint8)
+    return sym, ref.cdf(sym, n)
+
+
+@given(streams())
+def test_reference_coder_round_trip(data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    sym, table = data
+    payload, lengths = codec.ac_encode(sym, table, backend="reference")
+    assert int(lengths.sum()) == len(payload)
+    out = codec.ac_decode(payload, lengths, table, sym.shape[1], backend="reference")
+    assert torch.equal(out, sym)
+
+
+@given(streams())
+@example((torch.zeros(1, 1, dtype=torch.uint8), ref.cdf(torch.zeros(1, 1, dtype=torch.uint8), 2)))  # T = 1
+def test_ext_coder_bytes_identical_to_reference(data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    needs_ext()
+    sym, table = data
+    want = codec.ac_encode(sym, table, backend="reference")
+    got = codec.ac_encode(sym, table, backend="ext")
+    assert got[0] == want[0]
+    assert torch.equal(got[1], want[1])
+    out = codec.ac_decode(got[0], got[1], table, sym.shape[1], backend="ext")
+    assert torch.equal(out, sym)
+
+
+@given(streams(max_s=64, max_t=2000))
+def test_ext_coder_round_trip_large(data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    needs_ext()
+    sym, table = data
+    payload, lengths = codec.ac_encode(sym, table, backend="ext")
+    out = codec.ac_decode(payload, lengths, table, sym.shape[1], backend="ext")
+    assert torch.equal(out, sym)
+
+
+def test_coded_size_close_to_entropy() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(8, 31, generator=g) ** 3
+    sym = torch.multinomial(w, 4000, replacement=True, generator=g).to(torch.uint8)
+    table = ref.cdf(sym, 31)
+    backend = "ext" if EXT else "reference"
+    payload, lengths = codec.ac_encode(sym, table, backend=backend)
+    counts = ref.counts(sym, 31).double()
+    p = counts / counts.sum(-1, keepdim=True)
+    entropy_bytes = float(-(counts * torch.where(p > 0, p.log2(), 0.0)).sum()) / 8
+    assert entropy_bytes * 0.999 < len(payload) <= entropy_bytes * 1.01 + 2 * sym.shape[0]
+
+
+def test_single_symbol_stream_costs_nothing() -> None:
+    sym = torch.full((3, 100), 4, dtype=torch.uint8)
+    table = ref.cdf(sym, 9)
+    payload, lengths = codec.ac_encode(sym, table, backend="reference")
+    assert len(payload) == 0 and lengths.tolist() == [0, 0, 0]
+    assert torch.equal(codec.ac_decode(payload, lengths, table, 100, backend="reference"), sym)
+
+
+@given(st.lists(st.integers(0, 1000), min_size=2, max_size=40))
+@example([0, 0, 0, 5])
+@example([7, 0])
+@example([0, 0])
+@example([10**9, 1, 0, 1])
+def test_normalize_counts(counts: list[int]) -> None:
+    c = torch.tensor([counts])
+    f = normalize_counts(c)[0]
+    if sum(counts) == 0:
+        assert int(f.abs().sum()) == 0
+        return
+    assert int(f.sum()) == TOTAL and int(f.max()) < TOTAL and int(f.min()) >= 0
+    assert bool(((c[0] > 0) <= (f > 0)).all()), "a present symbol got zero frequency"
+    cdf = freq_to_cdf(f)
+    assert int(cdf[0]) == 0 and int(cdf[-1]) == TOTAL
+
+
+def test_ac_encode_rejects_bad_arguments() -> None:
+    sym = torch.tensor([[0, 1, 2]], dtype=torch.uint8)
+    table = ref.cdf(torch.tensor([[0, 1, 1]], dtype=torch.uint8), 3)  # symbol 2 has zero frequency
+    with pytest.raises(ValueError, match="symbols"):
+        codec.ac_encode(sym, table)
+    with pytest.raises(TypeError, match="symbols"):
+        codec.ac_encode(sym.to(torch.int32), table)
+    bad = table.clone()
+    bad[0, -1] = TOTAL - 1
+    with pytest.raises(ValueError, match="cdf"):
+        codec.ac_encode(sym[:, :2], bad)
+    with pytest.raises(ValueError, match="lengths"):
+        codec.ac_decode(b"abc", torch.tensor([1]), table, 3)
+
+
+# ------------------------------------------------------------------------------------------------ chunks
+@st.composite
+def chunks(draw: st.DrawFn) -> torch.Tensor:
+    L = draw(st.integers(1, 3))
+    T = draw(st.integers(1, 9))
+    H = draw(st.integers(1, 2))
+    D = draw(st.integers(1, 6))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    mla = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    kind = draw(st.sampled_from(["normal", "outliers", "zeros", "tiny", "huge"]))
+    g = torch.Generator().manual_seed(seed)
+    shape = (L, 1, T, D) if mla else (L, 2, T, H, D)
+    x = torch.randn(shape, generator=g)
+    if kind == "outliers":
+        x = x * torch.where(torch.rand(shape, generator=g) < 0.05, 50.0, 1.0)
+    elif kind == "zeros":
+        x = torch.zeros(shape)
+    elif kind == "tiny":
+        x = x * 1e-30
+    elif kind == "huge":
+        x = x * 1e4
+    return x.to(dtype)
+
+
+def _check_error_bound(x: torch.Tensor, y: torch.Tensor, config: CodecConfig | None) -> None:
+    assert y.shape == x.shape and y.dtype == x.dtype
+    xp, _ = ref.as_planes(x)
+    yp, _ = ref.as_planes(y)
+    L, P = xp.shape[:2]
+    levels = ((ref.resolve_bins(config, L, P) - 1) // 2).double()[:, :, None, None, None]
+    scale = ref.round_up_bf16(xp.float().abs().amax(dim=(3, 4))).double()[:, :, :, None, None]
+    eps = torch.finfo(x.dtype).eps
+    tiny = torch.finfo(x.dtype).tiny
+    bound = scale / (2 * levels) * (1 + 1e-6) + yp.double().abs() * eps + tiny
+    err = (xp.double() - yp.double()).abs()
+    assert bool((err <= bound).all()), f"max excess {float((err - bound).max())}"
+
+
+@given(chunks(), st.sampled_from([None, CodecConfig(table_groups=0), CodecConfig(table_groups=2, key_bins_late=3)]))
+def test_decode_encode_error_bounded_and_backends_identical(x: torch.Tensor, config: CodecConfig | None) -> None:
+    blob = codec.encode(x, config=config, backend="reference")
+    y = codec.decode(blob, backend="reference")
+    _check_error_bound(x, y, config)
+    if EXT:
+        assert codec.encode(x, config=config, backend="ext") == blob
+        assert torch.equal(codec.decode(blob, backend="ext").view(torch.uint8), y.view(torch.uint8))
+
+
+def test_real_sized_chunk_ext_round_trip_and_size() -> None:
+    needs_ext()
+    g = torch.Generator().manual_seed(1)
+    # Channels with different spreads, as real KV has: shared tables must still code them compactly.
+    spread = torch.rand(1, 1, 1, 4, 64, generator=g) * 3 + 0.1
+    x = (torch.randn(8, 2, 256, 4, 64, generator=g) * spread).to(torch.float16)
+    blob = codec.encode(x, backend="ext")
+    y = codec.decode(blob, backend="ext")
+    _check_error_bound(x, y, None)
+    info = codec.inspect(blob)
+    assert info["shape"] == tuple(x.shape) and info["groups"] == 16
+    sections = info["bytes"]
+    assert sum(sections.values()) == len(blob)
+    assert sections["tables"] <= 0.10 * sections["payload"], sections
+    per_stream = codec.encode(x, config=CodecConfig(table_groups=0), backend="ext")
+    assert codec.inspect(per_stream)["bytes"]["tables"] > 3 * sections["tables"]
+    assert torch.equal(codec.decode(per_stream), y)  # same quantization, different tables
+
+
+def test_all_zero_chunk() -> None:
+    x = torch.zeros(2, 2, 5, 1, 3, dtype=torch.bfloat16)
+    blob = codec.encode(x, backend="reference")
+    assert codec.inspect(blob)["bytes"]["payload"] == 0
+    y = codec.decode(blob)
+    assert torch.equal(y, x) and y.dtype == torch.bfloat16
+
+
+def test_bins_follow_layer_fraction_and_travel_in_blob() -> None:
+    bins = codec.resolve_bins(None, 32)
+    assert bins[:10, 0].eq(32).all() and bins[10:, 0].eq(16).all()
+    assert bins[:2, 1].eq(32).all() and bins[2:, 1].eq(16).all()
+    config = CodecConfig(key_bins_early=5, key_bins_late=3, value_bins_early=255, value_bins_late=7)
+    x = torch.randn(4, 2, 6, 1, 8)
+    blob = codec.encode(x, config=config, backend="reference")
+    assert codec.inspect(blob)["bins"].tolist() == ref.resolve_bins(config, 4, 2).tolist()
+    _check_error_bound(x, codec.decode(blob), config)  # decoding needs no config
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_is_a_clear_error(bad: float) -> None:
+    x = torch.zeros(1, 2, 3, 1, 4)
+    x[0, 1, 2, 0, 3] = bad
+    with pytest.raises(ValueError, match="chunk.*NaN or inf"):
+        codec.encode(x)
+    with pytest.raises(ValueError, match="chunk"):
+        codec.quantize(x)
+
+
+def test_bad_chunk_arguments() -> None:
+    with pytest.raises(TypeError, match="chunk"):
+        codec.encode(torch.zeros(1, 2, 3, 1, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="chunk"):
+        codec.encode(torch.zeros(1, 3, 3, 1, 4))
+    with pytest.raises(ValueError, match="chunk"):
+        codec.encode(torch.zeros(1, 2, 0, 1, 4))
+    with pytest.raises(TypeError, match="chunk"):
+        codec.encode(np.zeros((1, 2, 3, 1, 4)))
+    with pytest.raises(TypeError, match="config"):
+        codec.encode(torch.zeros(1, 2, 3, 1, 4), config={"table_groups": 1})
+    with pytest.raises(TypeError, match="blob"):
+        codec.decode("not bytes")
+
+
+# ------------------------------------------------------------------------------------------------ fuzzing
+def _sample_blob() -> bytes:
+    g = torch.Generator().manual_seed(3)
+    return codec.encode(torch.randn(2, 2, 7, 1, 6, generator=g), config=CodecConfig(table_groups=2),
+                        backend="reference")
+
+
+SAMPLE = _sample_blob()
+
+
+def _reseal(body: bytes) -> bytes:
+    """A forged blob: altered body with a valid CRC, so the structural checks (not the CRC) must catch it."""
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _decode_all_backends(blob: bytes) -> None:
+    for backend in BACKENDS:
+        with pytest.raises(CodecError):
+            codec.decode(blob, backend=backend)
+
+
+@given(st.data())
+def test_fuzzed_blobs_raise_codec_error(data: st.DataObject) -> None:
+    blob = bytearray(SAMPLE)
+    how = data.draw(st.sampled_from(["flip", "truncate", "extend", "random"]))
+    if how == "flip":
+        for _ in range(data.draw(st.integers(1, 4))):
+            i = data.draw(st.integers(0, len(blob) - 1))
+            blob[i] ^= data.draw(st.integers(1, 255))
+    elif how == "truncate":
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    elif how == "extend":
+        blob += data.draw(st.binary(min_size=1, max_size=16))
+    else:
+        blob = bytearray(data.draw(st.binary(max_size=200)))
+    _decode_all_backends(bytes(blob))
+
+
+@given(st.integers(0, len(SAMPLE) - 5), st.integers(1, 255))
+@example(8, 0xFF)  # L
+@example(12, 0x80)  # T
+@example(24, 0x01)  # groups
+@example(26, 0x07)  # length width
+def test_forged_blobs_with_valid_crc_raise_codec_error(pos: int, xor: int) -> None:
+    body = bytearray(SAMPLE[:-4])
+    body[pos] ^= xor
+    forged = _reseal(bytes(body))
+    for backend in BACKENDS:
+        try:
+            y = codec.decode(forged, backend=backend)
+        except CodecError:
+            continue
+        # A change inside the payload or the scales can decode to other finite values of the right shape.
+        assert y.shape == (2, 2, 7, 1, 6) and bool(torch.isfinite(y).all())
+
+
+def test_huge_header_sizes_are_refused_before_allocation() -> None:
+    head = fmt.HEADER.pack(fmt.MAGIC, fmt.VERSION, 0, 1, 2, 4096, 1 << 24, 4096, 65536, 0, 8)
+    _decode_all_backends(_reseal(head))
+    head = fmt.HEADER.pack(fmt.MAGIC, fmt.VERSION, 0, 1, 2, 1, 1000, 1, 1, 0, 8)  # claims 4000 bytes of scales
+    _decode_all_backends(_reseal(head + b"\x03\x03"))
+    _decode_all_backends(_reseal(b"LKCG" + bytes([2]) + SAMPLE[5:-4]))  # unknown version
+    _decode_all_backends(b"PK\x03\x04" + SAMPLE[4:])  # foreign magic
+
+
+def test_stored_blob_never_unpickled() -> None:
+    import pickle
+
+    _decode_all_backends(pickle.dumps({"k": torch.zeros(2)}))
