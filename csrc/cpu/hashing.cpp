@@ -3,83 +3,24 @@
 // Limits: CPU tensors only; tokens are a 1-D contiguous int32 (read as uint32 bit patterns) or int64
 // (values already checked to lie in [0, 2**32) by lmkv.ops.hashing) tensor. Full chunks are hashed eight
 // per vector (GCC/Clang vector extensions: one AVX2 register on x86, scalar code elsewhere), partial
-// chunks and segments one at a time; leaves are parallel over OpenMP threads, each chain is sequential.
+// chunks and segments one at a time; leaves may run on OpenMP threads (num_threads, default 1 from Python:
+// see pick_threads), each chain is sequential.
 // Digests are identical to reference/hashing.py (tests/test_hashing.py proves it).
 #include <torch/library.h>
 #include <ATen/ATen.h>
+
+#include <omp.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "lmkv/hash_blake2s.h"
+#include "lmkv/hash_blake2s_simd.h"
 
 namespace {
 
 using namespace lmkv::b2s;
-
-constexpr int W = 8;
-typedef uint32_t u32xW __attribute__((vector_size(W * 4)));
-
-static inline u32xW rotrv(u32xW x, int n) { return (x >> n) | (x << (32 - n)); }
-
-#define LMKV_G8(a, b, c, d, x, y) \
-  do {                            \
-    a = a + b + (x);              \
-    d = rotrv(d ^ a, 16);         \
-    c = c + d;                    \
-    b = rotrv(b ^ c, 12);         \
-    a = a + b + (y);              \
-    d = rotrv(d ^ a, 8);          \
-    c = c + d;                    \
-    b = rotrv(b ^ c, 7);          \
-  } while (0)
-
-// W leaves of n tokens each: lane l hashes ptrs[l][0 .. n) into out[l][0..4).
-template <typename T>
-void leaf_lanes(const T* const* ptrs, int64_t n, uint32_t (*out)[4]) {
-  u32xW h[8];
-  uint32_t h0[8];
-  init(h0, kLeaf);
-  for (int i = 0; i < 8; ++i) h[i] = u32xW{} + h0[i];
-  const int64_t blocks = n == 0 ? 1 : (n + 15) / 16;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t base = b * 16;
-    const bool last = b == blocks - 1;
-    u32xW m[16];
-    alignas(32) uint32_t lanes[W];
-    for (int w = 0; w < 16; ++w) {
-      const int64_t idx = base + w;
-      for (int l = 0; l < W; ++l) lanes[l] = idx < n ? static_cast<uint32_t>(ptrs[l][idx]) : 0u;
-      std::memcpy(&m[w], lanes, sizeof(lanes));
-    }
-    const uint64_t t = last ? static_cast<uint64_t>(n) * 4u : static_cast<uint64_t>(base + 16) * 4u;
-    u32xW v[16];
-    for (int i = 0; i < 8; ++i) {
-      v[i] = h[i];
-      v[i + 8] = u32xW{} + iv(i);
-    }
-    v[12] ^= static_cast<uint32_t>(t);
-    v[13] ^= static_cast<uint32_t>(t >> 32);
-    if (last) v[14] = ~v[14];
-    for (int r = 0; r < 10; ++r) {
-      LMKV_G8(v[0], v[4], v[8], v[12], m[sigma(r, 0)], m[sigma(r, 1)]);
-      LMKV_G8(v[1], v[5], v[9], v[13], m[sigma(r, 2)], m[sigma(r, 3)]);
-      LMKV_G8(v[2], v[6], v[10], v[14], m[sigma(r, 4)], m[sigma(r, 5)]);
-      LMKV_G8(v[3], v[7], v[11], v[15], m[sigma(r, 6)], m[sigma(r, 7)]);
-      LMKV_G8(v[0], v[5], v[10], v[15], m[sigma(r, 8)], m[sigma(r, 9)]);
-      LMKV_G8(v[1], v[6], v[11], v[12], m[sigma(r, 10)], m[sigma(r, 11)]);
-      LMKV_G8(v[2], v[7], v[8], v[13], m[sigma(r, 12)], m[sigma(r, 13)]);
-      LMKV_G8(v[3], v[4], v[9], v[14], m[sigma(r, 14)], m[sigma(r, 15)]);
-    }
-    for (int i = 0; i < 8; ++i) h[i] ^= v[i] ^ v[i + 8];
-  }
-  for (int i = 0; i < 4; ++i) {
-    alignas(32) uint32_t lanes[W];
-    std::memcpy(lanes, &h[i], sizeof(lanes));
-    for (int l = 0; l < W; ++l) out[l][i] = lanes[l];
-  }
-}
 
 void check_tokens(const at::Tensor& tokens, at::ScalarType dtype) {
   TORCH_CHECK(tokens.device().is_cpu(), "tokens must be CPU tensors");
@@ -95,6 +36,14 @@ void load_root(const at::Tensor& root, uint32_t r[4]) {
 
 constexpr int64_t kParallelTokens = 1 << 15;
 
+// Threads: fork-join only pays above kParallelTokens, and on an oversubscribed machine a descheduled worker
+// stalls the whole call for a time slice (~16 ms measured), so the caller chooses; <= 0 means OpenMP's default.
+int pick_threads(int64_t requested, int64_t tokens) {
+  if (tokens < kParallelTokens) return 1;
+  if (requested <= 0) return omp_get_max_threads();
+  return static_cast<int>(requested);
+}
+
 template <typename T>
 const T* token_ptr(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.data_ptr());
@@ -102,7 +51,7 @@ const T* token_ptr(const at::Tensor& t) {
 
 template <typename T>
 void chunk_keys_impl(const std::vector<at::Tensor>& seqs, int64_t chunk_size, bool include_partial,
-                     const uint32_t r[4], uint8_t* o, const std::vector<int64_t>& first, bool parallel) {
+                     const uint32_t r[4], uint8_t* o, const std::vector<int64_t>& first, int threads) {
   const int64_t nseq = static_cast<int64_t>(seqs.size());
   const int64_t total = first[nseq];
   std::vector<const T*> full_ptr;
@@ -128,7 +77,7 @@ void chunk_keys_impl(const std::vector<at::Tensor>& seqs, int64_t chunk_size, bo
   const int64_t groups = static_cast<int64_t>(full_ptr.size()) / W;
   const int64_t rest = static_cast<int64_t>(full_ptr.size()) - groups * W;
   const int64_t jobs = groups + rest + static_cast<int64_t>(part_ptr.size());
-#pragma omp parallel for schedule(static) if (parallel)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t g = 0; g < jobs; ++g) {
     if (g < groups) {
       uint32_t out[W][4];
@@ -142,7 +91,7 @@ void chunk_keys_impl(const std::vector<at::Tensor>& seqs, int64_t chunk_size, bo
       hash_words(part_ptr[k], part_len[k], kLeaf, leaf[part_slot[k]]);
     }
   }
-#pragma omp parallel for schedule(dynamic, 1) if (parallel && nseq > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && nseq > 1)
   for (int64_t s = 0; s < nseq; ++s) {
     uint32_t key[4] = {r[0], r[1], r[2], r[3]};
     for (int64_t i = first[s]; i < first[s + 1]; ++i) {
@@ -154,7 +103,7 @@ void chunk_keys_impl(const std::vector<at::Tensor>& seqs, int64_t chunk_size, bo
 
 // Keys of every sequence, concatenated in order: uint8 [sum of chunk counts, 16].
 at::Tensor chunk_keys(const std::vector<at::Tensor>& seqs, int64_t chunk_size, bool include_partial,
-                      const at::Tensor& root) {
+                      const at::Tensor& root, int64_t num_threads) {
   TORCH_CHECK(chunk_size > 0, "chunk_size must be positive");
   uint32_t r[4];
   load_root(root, r);
@@ -168,18 +117,18 @@ at::Tensor chunk_keys(const std::vector<at::Tensor>& seqs, int64_t chunk_size, b
   }
   at::Tensor out = at::empty({first[nseq], 16}, at::kByte);
   if (first[nseq] == 0) return out;
-  const bool parallel = tokens >= kParallelTokens;
+  const int threads = pick_threads(num_threads, tokens);
   if (seqs[0].scalar_type() == at::kInt) {
-    chunk_keys_impl<uint32_t>(seqs, chunk_size, include_partial, r, out.data_ptr<uint8_t>(), first, parallel);
+    chunk_keys_impl<uint32_t>(seqs, chunk_size, include_partial, r, out.data_ptr<uint8_t>(), first, threads);
   } else {
-    chunk_keys_impl<int64_t>(seqs, chunk_size, include_partial, r, out.data_ptr<uint8_t>(), first, parallel);
+    chunk_keys_impl<int64_t>(seqs, chunk_size, include_partial, r, out.data_ptr<uint8_t>(), first, threads);
   }
   return out;
 }
 
 // Position-free keys B(root || leaf(tokens[starts[i] .. ends[i])), SEG): uint8 [n, 16].
 at::Tensor segment_keys(const at::Tensor& tokens, const at::Tensor& starts, const at::Tensor& ends,
-                        const at::Tensor& root) {
+                        const at::Tensor& root, int64_t num_threads) {
   check_tokens(tokens, tokens.scalar_type());
   TORCH_CHECK(starts.scalar_type() == at::kLong && ends.scalar_type() == at::kLong && starts.numel() == ends.numel() &&
                   starts.is_contiguous() && ends.is_contiguous(), "starts/ends must be int64 of equal length");
@@ -194,7 +143,8 @@ at::Tensor segment_keys(const at::Tensor& tokens, const at::Tensor& starts, cons
   const bool is_int = tokens.scalar_type() == at::kInt;
   const uint32_t* t32 = is_int ? reinterpret_cast<const uint32_t*>(tokens.data_ptr<int32_t>()) : nullptr;
   const int64_t* t64 = is_int ? nullptr : tokens.data_ptr<int64_t>();
-#pragma omp parallel for schedule(dynamic, 1) if (tokens.numel() >= kParallelTokens)
+  const int threads = pick_threads(num_threads, tokens.numel());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
   for (int64_t i = 0; i < n; ++i) {
     uint32_t lf[4], key[4];
     if (is_int) hash_words(t32 + s[i], e[i] - s[i], kLeaf, lf);
@@ -208,8 +158,8 @@ at::Tensor segment_keys(const at::Tensor& tokens, const at::Tensor& starts, cons
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lmkv, m) {
-  m.def("hashing_chunk_keys(Tensor[] seqs, int chunk_size, bool include_partial, Tensor root) -> Tensor");
-  m.def("hashing_segment_keys(Tensor tokens, Tensor starts, Tensor ends, Tensor root) -> Tensor");
+  m.def("hashing_chunk_keys(Tensor[] seqs, int chunk_size, bool include_partial, Tensor root, int num_threads) -> Tensor");
+  m.def("hashing_segment_keys(Tensor tokens, Tensor starts, Tensor ends, Tensor root, int num_threads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmkv, CPU, m) {

@@ -61,11 +61,12 @@ def as_tokens(tokens: Any, name: str = "tokens") -> np.ndarray:
     if kind not in "iu" or arr.dtype == np.bool_:
         raise TypeError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
     arr = np.ascontiguousarray(arr)
-    if arr.size:
-        if kind == "i" and int(arr.min()) < 0:
-            raise ValueError(f"{name} must hold token ids in [0, 2**32), got {int(arr.min())}")
-        if arr.dtype.itemsize > 4 and int(arr.max()) > _U32_MAX:
-            raise ValueError(f"{name} must hold token ids in [0, 2**32), got {int(arr.max())}")
+    if arr.size and not (kind == "u" and arr.dtype.itemsize <= 4):
+        # One unsigned max finds both negatives (they wrap to huge values) and ids >= 2**32.
+        limit = _U32_MAX if arr.dtype.itemsize > 4 else (1 << (8 * arr.dtype.itemsize - 1)) - 1
+        if int(arr.view(f"u{arr.dtype.itemsize}").max()) > limit:
+            bad = arr[(arr < 0) | (arr > _U32_MAX)][0]
+            raise ValueError(f"{name} must hold token ids in [0, 2**32), got {int(bad)}")
     if arr.dtype in (np.int32, np.uint32, np.int64):
         return arr
     return arr.astype(np.uint32)

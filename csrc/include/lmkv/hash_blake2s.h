@@ -14,6 +14,15 @@
 #define LMKV_HD inline
 #endif
 
+// Fully unrolled rounds let the compiler fold the message schedule (sigma) into register names.
+#if defined(__CUDACC__) || defined(__HIPCC__) || defined(__clang__)
+#define LMKV_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define LMKV_UNROLL _Pragma("GCC unroll 16")
+#else
+#define LMKV_UNROLL
+#endif
+
 namespace lmkv {
 namespace b2s {
 
@@ -77,6 +86,7 @@ LMKV_HD void compress(uint32_t h[8], const uint32_t m[16], uint64_t t, bool last
   v[12] ^= static_cast<uint32_t>(t);
   v[13] ^= static_cast<uint32_t>(t >> 32);
   if (last) v[14] = ~v[14];
+  LMKV_UNROLL
   for (int r = 0; r < 10; ++r) {
     LMKV_B2S_G(v[0], v[4], v[8], v[12], m[sigma(r, 0)], m[sigma(r, 1)]);
     LMKV_B2S_G(v[1], v[5], v[9], v[13], m[sigma(r, 2)], m[sigma(r, 3)]);
