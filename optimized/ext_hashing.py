@@ -72,7 +72,8 @@ def batch_chunk_keys(
     tensors = [_tensor(s) for s in sequences]
     if len({t.dtype for t in tensors}) > 1:
         tensors = [torch.from_numpy(np.asarray(s, dtype=np.int64)) for s in sequences]
-    out = _split(torch.ops.lmkv.hashing_chunk_keys(tensors, chunk_size, include_partial, _root(salt), num_threads()).numpy().tobytes())
+    raw = torch.ops.lmkv.hashing_chunk_keys(tensors, chunk_size, include_partial, _root(salt), num_threads())
+    out = _split(raw.numpy().tobytes())
     result: list[list[bytes]] = []
     pos = 0
     for s in sequences:
@@ -111,5 +112,6 @@ def segment_keys(tokens: np.ndarray, *, separator: np.ndarray, salt: bytes = b""
         return []
     starts = torch.tensor([s for s, _ in spans], dtype=torch.int64)
     ends = torch.tensor([e for _, e in spans], dtype=torch.int64)
-    out = _split(torch.ops.lmkv.hashing_segment_keys(_tensor(tokens), starts, ends, _root(salt), num_threads()).numpy().tobytes())
+    raw = torch.ops.lmkv.hashing_segment_keys(_tensor(tokens), starts, ends, _root(salt), num_threads())
+    out = _split(raw.numpy().tobytes())
     return [(s, e, d) for (s, e), d in zip(spans, out)]
