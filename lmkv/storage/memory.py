@@ -6,6 +6,9 @@ strictly needed bytes; an object larger than the pool is rejected (a dropped wri
 Objects are kept unverified (RAM is trusted): the payload checksum is computed lazily, once, when the object
 is first written to a lower tier.
 
+Eviction follows the policy only; evicting a pinned object unlinks it at once and its bytes come back when
+it is released, so a put into a full pool may wait (bounded) for a lower tier that is still writing.
+
 Ownership: ``get``/``peek`` return an :class:`Encoded` whose payload is a view into the pool plus a pin on
 its slot. A pinned slot is never evicted or reused; ``remove`` or an overwrite of a pinned key unlinks it at
 once and frees its bytes at the last release. ``assert_no_leaks`` checks that every pin was released and that
@@ -15,6 +18,7 @@ allocated + free bytes add up to the pool.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +29,7 @@ from lmkv.storage.objects import Encoded, ObjectHeader
 from lmkv.storage.policy import make_policy
 
 ALIGN = 64
+PIN_WAIT = 5.0  # seconds a put waits for evicted-but-pinned bytes (a lower tier still writing them)
 
 
 def _round(n: int) -> int:
@@ -100,7 +105,9 @@ class MemoryTier:
         self._policy = make_policy(policy)
         self._lock = threading.RLock()
         self._stats = TierStats()
-        self._dead_pinned: set[_Slot] = set()  # unlinked slots that readers still hold
+        self._dead_pinned: set[_Slot] = set()  # unlinked slots that readers or writers still hold
+        self._dead_bytes = 0
+        self._freed = threading.Condition(self._lock)
         self._warn = WarnOnce()
         self._closed = False
 
@@ -129,6 +136,7 @@ class MemoryTier:
             self._arena.free(slot.offset, slot.alloc_len)
         else:
             self._dead_pinned.add(slot)
+            self._dead_bytes += slot.alloc_len
 
     def _unpin(self, slot: _Slot) -> None:
         with self._lock:
@@ -136,25 +144,40 @@ class MemoryTier:
             assert slot.pins >= 0, "memory tier slot released more often than leased"
             if slot.pins == 0 and slot.dead:
                 self._dead_pinned.discard(slot)
+                self._dead_bytes -= slot.alloc_len
                 self._arena.free(slot.offset, slot.alloc_len)
+                self._freed.notify_all()
 
     def _allocate(self, n: int) -> int | None:
-        """Reserve ``n`` bytes, evicting unpinned objects in policy order; None when it cannot fit."""
-        off = self._arena.alloc(n)
-        if off is not None:
-            return off
-        for victim in self._policy.victims():
-            slot = self._index.get(victim)
-            if slot is None or slot.pins:
-                continue
-            del self._index[victim]
-            self._policy.remove(victim)
-            self._retire(slot)
-            self._stats.evictions += 1
+        """Reserve ``n`` bytes, evicting in policy order; None when it cannot fit.
+
+        Victims are chosen by the policy alone, pinned or not, so which keys the tier holds never depends on
+        the timing of background writers. A pinned victim leaves the index at once; its bytes come back at
+        its last release, which this waits for (at most ``PIN_WAIT`` seconds, then it evicts further).
+        """
+        victims = self._policy.victims()
+        deadline: float | None = None
+        while True:
             off = self._arena.alloc(n)
             if off is not None:
                 return off
-        return None
+            now = time.monotonic()
+            waiting_helps = (self._dead_pinned and self._arena.free_bytes + self._dead_bytes >= n
+                             and (deadline is None or now < deadline))
+            if not waiting_helps:
+                victim = next((v for v in victims if v in self._index), None)
+                if victim is not None:
+                    slot = self._index.pop(victim)
+                    self._policy.remove(victim)
+                    self._retire(slot)
+                    self._stats.evictions += 1
+                    continue
+                if not self._dead_pinned:
+                    return None
+            deadline = now + PIN_WAIT if deadline is None else deadline
+            if now >= deadline:
+                return None
+            self._freed.wait(deadline - now)
 
     # -- Tier protocol -------------------------------------------------------------------------------
     def contains(self, key: str) -> bool:
@@ -172,6 +195,10 @@ class MemoryTier:
             with self._lock:
                 if self._closed:
                     return False
+                old = self._index.pop(key, None)  # replaced: its bytes count as free for the new object
+                if old is not None:
+                    self._policy.remove(key)
+                    self._retire(old)
                 off = self._allocate(alloc_len) if alloc_len <= self._arena.capacity else None
                 if off is None:
                     self._stats.rejected += 1

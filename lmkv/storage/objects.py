@@ -29,6 +29,7 @@ it into a miss with a warning.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import threading
 import zlib
@@ -210,6 +211,22 @@ class Encoded:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def writable_view(value: bytes) -> memoryview:
+    """A writable byte view of a ``bytes`` object that nothing else references (a fresh Redis reply).
+
+    Wrapping the reply is what keeps Redis reads at the plain GET rate (no copy into a fresh buffer); torch
+    refuses read-only buffers, and the reply is private to us, so a writable view of it is safe. The view
+    keeps ``value`` alive.
+    """
+    n = len(value)
+    if n == 0:
+        return memoryview(bytearray())
+    addr = ctypes.cast(ctypes.c_char_p(value), ctypes.c_void_p).value
+    arr = (ctypes.c_ubyte * n).from_address(addr)
+    arr._owner = value  # type: ignore[attr-defined]  # the bytes must outlive every view of arr
+    return memoryview(arr).cast("B")
 
 
 def dtype_code(dtype: Any) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 
 from lmkv.errors import CorruptObject
 from lmkv.storage.base import TierStats, WarnOnce, log
-from lmkv.storage.objects import Encoded, parse_header, verify_payload
+from lmkv.storage.objects import Encoded, parse_header, verify_payload, writable_view
 
 MAX_VALUE = 512 << 20
 _BATCH_BYTES = 64 << 20
@@ -254,13 +254,10 @@ class RedisTier:
                 pipe.exists(self._rkey(k))
             return pipe.execute()
 
+        with self._lock:  # before the round trip: a write that lands meanwhile leaves the pending map
+            ops = [self._pending.get(k) for k in keys]
         remote = self._call(fetch, None) or [0] * len(keys)
-        out = []
-        with self._lock:
-            for k, r in zip(keys, remote):
-                op = self._pending.get(k)
-                out.append((op.obj is not None) if op is not None else bool(r))
-        return out
+        return [(op.obj is not None) if op is not None else bool(r) for op, r in zip(ops, remote)]
 
     def batched_contains(self, keys: Sequence[str]) -> int:
         n = 0
@@ -279,7 +276,7 @@ class RedisTier:
             header = parse_header(value)
             if header.key != key:
                 raise CorruptObject(f"value holds key {header.key!r}, expected {key!r}")
-            payload = memoryview(value)[header.header_len:]
+            payload = writable_view(value)[header.header_len:]
             verify_payload(header, payload)
         except CorruptObject as exc:
             log.warning("redis tier: value of %r is corrupt or foreign (%s); treating it as a miss", key, exc)

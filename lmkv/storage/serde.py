@@ -8,7 +8,6 @@ always records the decoded tensor's dtype and shape, so a reader needs no config
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Protocol
 
 import torch
@@ -16,10 +15,6 @@ import torch
 from lmkv.errors import CorruptObject
 from lmkv.storage.objects import Encoded, ObjectHeader, dtype_code, validate_fields
 from lmkv.types import DTYPES_BY_CODE
-
-# Redis replies are immutable ``bytes`` that only the returned tensor references; wrapping them without a
-# copy is what keeps Redis reads near the plain GET rate, so torch's read-only warning is silenced here only.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", module=__name__)
 
 
 class Serde(Protocol):
@@ -44,11 +39,15 @@ def tensor_bytes(kv: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy()).cast("B")
 
 
-def _bytes_tensor(buf: Any) -> torch.Tensor:
+def _bytes_tensor(buf: Any) -> tuple[torch.Tensor, bool]:
+    """(uint8 tensor over ``buf``, whether it is a private copy). Read-only buffers are copied: torch has
+    no read-only tensors."""
     mv = memoryview(buf).cast("B")
     if len(mv) == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(mv, dtype=torch.uint8)
+        return torch.empty(0, dtype=torch.uint8), True
+    if mv.readonly:
+        return torch.frombuffer(bytearray(mv), dtype=torch.uint8), True
+    return torch.frombuffer(mv, dtype=torch.uint8), False
 
 
 class RawSerde:
@@ -75,12 +74,12 @@ class RawSerde:
             n *= s
         if n * elem != h.payload_len or len(memoryview(obj.payload).cast("B")) != h.payload_len:
             raise CorruptObject(f"raw payload of {h.payload_len} bytes does not hold {dtype} {shape}")
-        src = _bytes_tensor(obj.payload)
+        src, private = _bytes_tensor(obj.payload)
         if out is not None:
             _check_out(out, dtype, shape)
             out.reshape(-1).view(torch.uint8).copy_(src)
             return out
-        if not obj.owned:
+        if not (obj.owned or private):
             src = src.clone()
         return src.view(dtype).reshape(shape) if n else torch.empty(shape, dtype=dtype)
 
