@@ -383,3 +383,12 @@ def test_detect_layout_refuses_to_guess() -> None:
         paged.detect_layout([torch.zeros(3, 5, 4, 4, 8)])
     assert paged.detect_layout([torch.zeros(2, 5, 16, 4, 8)], num_kv_heads=4) == "flash_attn"
     assert paged.detect_layout([torch.zeros(7, 2, 4, 16, 8)], block_size=16) == "blocks_first_hnd"
+
+
+def test_validation_memo_sees_a_replaced_layer() -> None:
+    caches = _flash()
+    slots = torch.tensor([0, 1])
+    paged.gather(caches, slots, layout="flash_attn", backend="reference")       # remembered as checked
+    caches[1] = torch.zeros(2, 3, 4, 2, 7, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"kv_caches\[1\]"):
+        paged.gather(caches, slots, layout="flash_attn", backend="reference")

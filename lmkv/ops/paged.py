@@ -11,8 +11,10 @@ ValueError/TypeError naming the argument and nothing is written.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from lmkv._dispatch import Backend, Op, register
@@ -32,8 +34,39 @@ def _check_layout(layout: object) -> str:
     return layout
 
 
+# Engine tensors that passed _check_caches, by (layout, ids): an engine passes the same L tensors on every call,
+# and checking L shapes/dtypes/devices costs more than a small gather. Weak references make a reused id a miss;
+# a tensor resized in place (resize_/set_) after its first call is not re-checked.
+_CHECKED: dict[tuple, list[weakref.ref]] = {}
+_CHECKED_MAX = 32
+
+
 def _check_caches(kv_caches: object, layout: str) -> list[torch.Tensor]:
     """The engine tensors as a list, after checking that they agree with each other and with ``layout``."""
+    layers = _checked_before(kv_caches, layout)
+    if layers is not None:
+        return layers
+    layers = _check_caches_fully(kv_caches, layout)
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.pop(next(iter(_CHECKED)), None)
+    _CHECKED[(layout, *map(id, layers))] = [weakref.ref(t) for t in layers]
+    return layers
+
+
+def _checked_before(kv_caches: object, layout: str) -> list[torch.Tensor] | None:
+    if isinstance(kv_caches, torch.Tensor):
+        layers = [kv_caches]
+    elif isinstance(kv_caches, (list, tuple)):
+        layers = list(kv_caches)
+    else:
+        return None
+    refs = _CHECKED.get((layout, *map(id, layers)))
+    if refs is None or not all(r() is t for r, t in zip(refs, layers, strict=True)):
+        return None
+    return layers
+
+
+def _check_caches_fully(kv_caches: object, layout: str) -> list[torch.Tensor]:
     if isinstance(kv_caches, torch.Tensor):
         if layout != "cross_layer":
             raise TypeError(f"kv_caches must be a list of per-layer tensors for layout {layout!r}, got one tensor "
@@ -55,7 +88,11 @@ def _check_caches(kv_caches: object, layout: str) -> list[torch.Tensor]:
     if first.dim() != _NDIM[layout]:
         raise ValueError(f"kv_caches[0] has shape {tuple(first.shape)}; layout {layout!r} needs {_NDIM[layout]} dims")
     shape, dtype, device = first.shape, first.dtype, first.device
-    for i, t in enumerate(layers):
+    try:  # one pass over the layers in C speed; the loop below only runs to name the odd one out
+        uniform = len({(t.shape, t.dtype, t.device) for t in layers}) == 1
+    except (AttributeError, TypeError):
+        uniform = False
+    for i, t in enumerate([] if uniform else layers):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"kv_caches[{i}] must be a torch.Tensor, got {type(t).__name__}")
         if t.shape != shape:
@@ -83,12 +120,18 @@ def _check_slots(slot_mapping: object, capacity: int, device: torch.device, *, d
         raise ValueError(f"slot_mapping is on {slot_mapping.device}, kv_caches are on {device}")
     if slot_mapping.numel() == 0:
         return
-    hi = int(slot_mapping.max())
+    if slot_mapping.device.type == "cpu":  # numpy: a few microseconds where torch reductions cost tens
+        slots = slot_mapping.numpy()
+        hi = int(slots.max())
+    else:
+        slots = slot_mapping
+        hi = int(slot_mapping.max())
     if hi >= capacity:
         raise ValueError(f"slot_mapping holds slot {hi}, but kv_caches have only {capacity} slots (NB * BS)")
     if distinct:
-        used = slot_mapping[slot_mapping >= 0]
-        if used.numel() > 1 and torch.unique(used).numel() != used.numel():
+        used = slots[slots >= 0]
+        ordered = np.sort(used) if isinstance(used, np.ndarray) else torch.sort(used).values
+        if bool((ordered[1:] == ordered[:-1]).any()):
             raise ValueError("slot_mapping has duplicate slots: scatter targets must be distinct")
 
 
