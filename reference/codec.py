@@ -3,17 +3,19 @@
 The chunk ``x`` is ``[L, 2, T, H, D]`` (layers, K/V plane, tokens, KV heads, head dim) or, for MLA, ``[L, 1, T, D]``
 (treated as ``H = 1``). Write ``P`` for the planes (2 or 1) and ``C = H * D`` for the channels of one plane.
 
-1. **Quantize** (CacheGen, per token vector). For every (layer l, plane p, token t) the scale is the absolute
+1. **Quantize** (CacheGen: per token vector). For every (layer l, plane p, token t) the scale is the absolute
    maximum over the ``C`` channels, rounded *up* to bfloat16 so that ``|x| <= scale`` still holds::
 
-       scale[l, p, t] = round_up_bf16(max_c |x[l, p, t, c]|)
+       scale[l, p, t] = round_up_bf16(max_c |x[l, p, t, c]|)          (per token: CacheGen)
+       scale[l, p, c] = round_up_bf16(max_t |x[l, p, t, c]|)          (per channel, an lmkv option per plane)
        K = (bins(l, p) - 1) // 2                       levels on each side of zero
        q = clamp(round_half_even(x / scale * K), -K, K)    (q = 0 where scale = 0)
        symbol = q + K                                  in [0, 2K], an alphabet of n = 2K + 1 symbols
 
    ``bins(l, p)`` comes from :class:`lmkv.config.CodecConfig`: a layer counts as early for plane p when
    ``l < round(early_fraction_p * L)`` (CacheGen: keys 32 bins in layers 0-9, 16 after; values 32 bins in
-   layers 0-1, 16 after, for 32 layers). Dequantization is ``x_hat = (symbol - K) * (scale / K)`` in float32,
+   layers 0-1, 16 after, for 32 layers). Per-channel scales (``CodecConfig.key_scale_axis``) suit keys, whose
+   outlier channels keep their magnitude over the tokens (KIVI's observation). Dequantization is ``x_hat = (symbol - K) * (scale / K)`` in float32,
    cast to the chunk's dtype, so ``|x - x_hat| <= scale / (2K)`` plus that cast's rounding.
 
 2. **Streams.** Symbols are regrouped as ``S = L * P * C`` streams of ``T`` symbols, stream ``(l, p, c)`` holding
@@ -91,36 +93,52 @@ def round_up_bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- quantize
-def quantize(chunk: torch.Tensor, config: CodecConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """chunk ``[L, 2, T, H, D]`` (or ``[L, 1, T, D]``) -> (symbols uint8 of the same shape, scales bf16 ``[L, P, T]``).
+def quantize(chunk: torch.Tensor, config: CodecConfig | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """chunk ``[L, 2, T, H, D]`` (or ``[L, 1, T, D]``) -> (symbols uint8 of the same shape, scales).
 
-    See the module docstring, step 1. Raises ValueError on NaN/inf.
+    ``scales[p]`` is bfloat16, ``[L, T, 1, 1]`` when plane p is scaled per token or ``[L, 1, H, D]`` per channel
+    (broadcastable against the plane ``[L, T, H, D]``). See the module docstring, step 1. Raises ValueError on
+    NaN/inf.
     """
+    config = config or CodecConfig()
     x, _ = as_planes(chunk)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("chunk: contains NaN or inf; the codec quantizes finite values only")
     L, P = x.shape[:2]
-    levels = ((resolve_bins(config, L, P) - 1) // 2).to(torch.float32)[:, :, None, None, None]  # K
-    xf = x.to(torch.float32)
-    scales = round_up_bf16(xf.abs().amax(dim=(3, 4)))
-    s = scales.float()[:, :, :, None, None]
-    q = torch.where(s > 0, torch.round(xf / torch.where(s > 0, s, 1.0) * levels), 0.0)
-    q = torch.minimum(torch.maximum(q, -levels), levels)
-    symbols = (q + levels).to(torch.uint8)
-    return symbols.reshape(chunk.shape), scales
+    levels = ((resolve_bins(config, L, P) - 1) // 2).to(torch.float32)  # K per (l, p)
+    symbols = torch.empty(x.shape, dtype=torch.uint8)
+    scales = []
+    for p in range(P):
+        xp = x[:, p].to(torch.float32)
+        per_channel = channel_scaled(config, p)
+        scale = round_up_bf16(xp.abs().amax(dim=1 if per_channel else (2, 3), keepdim=True))
+        k = levels[:, p, None, None, None]
+        s = scale.float()
+        q = torch.where(s > 0, torch.round(xp / torch.where(s > 0, s, 1.0) * k), 0.0)
+        q = torch.minimum(torch.maximum(q, -k), k)
+        symbols[:, p] = (q + k).to(torch.uint8)
+        scales.append(scale)
+    return symbols.reshape(chunk.shape), tuple(scales)
 
 
-def dequantize(symbols: torch.Tensor, scales: torch.Tensor, bins: torch.Tensor,
+def channel_scaled(config: CodecConfig, plane: int) -> bool:
+    """True when ``plane`` (0: keys or the MLA latent, 1: values) is scaled per channel rather than per token."""
+    return (config.key_scale_axis if plane == 0 else config.value_scale_axis) == "channel"
+
+
+def dequantize(symbols: torch.Tensor, scales: tuple[torch.Tensor, ...], bins: torch.Tensor,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of :func:`quantize`: ``x_hat = (symbol - K) * (scale / K)`` in float32, cast to ``dtype``.
 
-    symbols ``[L, 2, T, H, D]`` (or ``[L, 1, T, D]``) uint8, scales ``[L, P, T]``, bins ``[L, P]``.
+    symbols ``[L, 2, T, H, D]`` (or ``[L, 1, T, D]``) uint8, scales as :func:`quantize` returns, bins ``[L, P]``.
     """
     sym, _ = as_planes(symbols)
-    levels = ((bins.to(torch.int64) - 1) // 2).to(torch.float32)[:, :, None, None, None]
-    step = scales.float()[:, :, :, None, None] / levels
-    x = (sym.to(torch.float32) - levels) * step
-    return x.to(dtype).reshape(symbols.shape)
+    levels = ((bins.to(torch.int64) - 1) // 2).to(torch.float32)
+    out = torch.empty(sym.shape, dtype=dtype)
+    for p in range(sym.shape[1]):
+        k = levels[:, p, None, None, None]
+        out[:, p] = ((sym[:, p].to(torch.float32) - k) * (scales[p].float() / k)).to(dtype)
+    return out.reshape(symbols.shape)
 
 
 def to_streams(symbols: torch.Tensor) -> torch.Tensor:
@@ -238,7 +256,8 @@ def build_blob(chunk: torch.Tensor, config: CodecConfig | None, coder: Coder) ->
     payload, lengths = coder(streams, stream_cdf)
     return fmt.Blob(
         mla=mla, dtype=chunk.dtype, L=L, P=P, T=T, H=H, D=D, groups=groups,
-        bins=bins.numpy().astype(np.uint8), scales=scales.view(torch.int16).numpy().view(np.uint16),
+        bins=bins.numpy().astype(np.uint8), channel_scaled=tuple(channel_scaled(config, p) for p in range(P)),
+        scales=[s.reshape(L, -1).view(torch.int16).numpy().view(np.uint16) for s in scales],
         tables=[f.numpy().astype(np.uint16) for f in freqs], ids=ids_np,
         lengths=lengths.numpy().astype(np.int64), payload=payload,
     )
@@ -269,7 +288,10 @@ def decode_with(blob: bytes | bytearray | memoryview, decoder: Decoder) -> torch
     nsym = fmt.alphabet(bins)[:, :, None, None, None]
     if bool((symbols.to(torch.int64) >= nsym).any()):  # only a forged blob with a valid CRC gets here
         raise CodecError("bad CacheGen blob: decoded symbol outside its alphabet")
-    scales = torch.from_numpy(parsed.scales.view(np.int16).copy()).view(torch.bfloat16)
+    scales = tuple(
+        torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).reshape(
+            (parsed.L, 1, parsed.H, parsed.D) if per_channel else (parsed.L, parsed.T, 1, 1))
+        for a, per_channel in zip(parsed.scales, parsed.channel_scaled, strict=True))
     x = dequantize(symbols, scales, bins, parsed.dtype)
     return x.reshape(parsed.L, 1, parsed.T, parsed.D) if parsed.mla else x
 

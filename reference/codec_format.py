@@ -7,14 +7,16 @@ alphabet of plane ``(l, p)`` and ``G`` the number of shared tables per plane (0:
     offset  size              field
     0       4                 magic b"LKCG"
     4       1                 format version (1)
-    5       1                 flags: bit 0 = MLA chunk [L, 1, T, D] (else [L, 2, T, H, D])
+    5       1                 flags: bit 0 = MLA chunk [L, 1, T, D] (else [L, P, T, H, D]);
+                              bit 1 + p = plane p is scaled per channel (else per token)
     6       1                 dtype code of the original chunk (lmkv.types.DTYPE_CODES: f32, f16 or bf16)
     7       1                 P
     8       4 x u32           L, T, H, D
     24      u16               G (0..256)
     26      u8                W, bits per packed stream length (0..32)
     27      L*P x u8          bins(l, p): the quantization config, so a blob decodes without outside config
-            L*P*T x u16       scales: bfloat16 bit patterns, [L, P, T], finite and >= 0
+            scales x u16      bfloat16 bit patterns, finite and >= 0: for each plane p, [L, T] (per token)
+                              or [L, C] (per channel)
             tables x u16      16-bit frequencies: for each (l, p) in order, (G or C) tables of n(l, p) entries;
                               each table sums to 2**16 (or is all zero when unused)
             L*P*C x u8        table id of every stream (only when G > 0), each < G
@@ -41,6 +43,7 @@ from lmkv.types import DTYPE_CODES, DTYPES_BY_CODE
 MAGIC = b"LKCG"
 VERSION = 1
 FLAG_MLA = 1
+FLAG_CHANNEL_SCALES = (2, 4)  # per plane
 HEADER = struct.Struct("<4sBBBBIIIIHB")
 CRC = struct.Struct("<I")
 CODEC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,7 +69,8 @@ class Blob:
     D: int
     groups: int
     bins: np.ndarray  # [L, P] uint8
-    scales: np.ndarray  # [L, P, T] uint16 (bfloat16 bits)
+    channel_scaled: tuple[bool, ...]  # per plane: scales per channel [L, C] instead of per token [L, T]
+    scales: list[np.ndarray]  # per plane [L, T] or [L, C] uint16 (bfloat16 bits)
     tables: list[np.ndarray]  # L*P arrays [G or C, n(l, p)] of uint16
     ids: np.ndarray | None  # [L, P, C] uint8 when groups > 0
     lengths: np.ndarray  # [S] int64
@@ -81,7 +85,8 @@ class Blob:
         tables = sum(t.size * 2 for t in self.tables) + (self.ids.size if self.ids is not None else 0)
         width = int(self.lengths.max()).bit_length() if self.lengths.size else 0
         meta = HEADER.size + self.bins.size + (self.lengths.size * width + 7) // 8 + CRC.size
-        return {"payload": len(self.payload), "tables": tables, "scales": self.scales.size * 2, "meta": meta}
+        return {"payload": len(self.payload), "tables": tables, "scales": sum(a.size for a in self.scales) * 2,
+                "meta": meta}
 
 
 def _pack_bits(values: np.ndarray, width: int) -> bytes:
@@ -102,9 +107,10 @@ def pack(blob: Blob) -> bytes:
     """Serialise ``blob`` (as produced by the encoder) into bytes."""
     lengths = np.asarray(blob.lengths, dtype=np.int64)
     width = int(lengths.max()).bit_length() if lengths.size else 0
-    head = HEADER.pack(MAGIC, VERSION, FLAG_MLA if blob.mla else 0, DTYPE_CODES[blob.dtype], blob.P,
+    flags = (FLAG_MLA if blob.mla else 0) | sum(f for f, c in zip(FLAG_CHANNEL_SCALES, blob.channel_scaled) if c)
+    head = HEADER.pack(MAGIC, VERSION, flags, DTYPE_CODES[blob.dtype], blob.P,
                        blob.L, blob.T, blob.H, blob.D, blob.groups, width)
-    parts = [head, blob.bins.astype(np.uint8).tobytes(), blob.scales.astype("<u2").tobytes()]
+    parts = [head, blob.bins.astype(np.uint8).tobytes(), *(a.astype("<u2").tobytes() for a in blob.scales)]
     parts += [t.astype("<u2").tobytes() for t in blob.tables]
     if blob.groups:
         assert blob.ids is not None
@@ -131,7 +137,7 @@ def unpack(data: bytes | bytearray | memoryview) -> Blob:
     (crc,) = CRC.unpack_from(mv, len(mv) - CRC.size)
     if zlib.crc32(mv[: len(mv) - CRC.size]) != crc:
         raise _fail("checksum mismatch (corrupt or truncated)")
-    if flags & ~FLAG_MLA:
+    if flags & ~(FLAG_MLA | FLAG_CHANNEL_SCALES[0] | FLAG_CHANNEL_SCALES[1]) or (P == 1 and flags & 4):
         raise _fail(f"unknown flags {flags:#x}")
     mla = bool(flags & FLAG_MLA)
     dtype = DTYPES_BY_CODE.get(dtype_code)
@@ -162,9 +168,14 @@ def unpack(data: bytes | bytearray | memoryview) -> Blob:
     bins = np.frombuffer(take(L * P, "bins"), dtype=np.uint8).reshape(L, P)
     if bins.min() < 3:
         raise _fail(f"bins must be >= 3, found {int(bins.min())}")
-    scales = np.frombuffer(take(L * P * T * 2, "scales"), dtype="<u2").reshape(L, P, T)
-    if (scales & 0x8000).any() or ((scales & 0x7F80) == 0x7F80).any():
-        raise _fail("scales must be finite and >= 0")
+    channel_scaled = tuple(bool(flags & FLAG_CHANNEL_SCALES[p]) for p in range(P))
+    scales = []
+    for p in range(P):
+        n = C if channel_scaled[p] else T
+        a = np.frombuffer(take(L * n * 2, "scales"), dtype="<u2").reshape(L, n)
+        if (a & 0x8000).any() or ((a & 0x7F80) == 0x7F80).any():
+            raise _fail("scales must be finite and >= 0")
+        scales.append(a)
     per_plane = groups if groups else C
     nsym = alphabet(bins.astype(np.int64)).reshape(-1)
     tables = []
@@ -188,4 +199,4 @@ def unpack(data: bytes | bytearray | memoryview) -> Blob:
     payload = take(end - pos, "payload")
     if int(lengths.sum()) != len(payload):
         raise _fail(f"stream lengths sum to {int(lengths.sum())} but the payload has {len(payload)} bytes")
-    return Blob(mla, dtype, L, P, T, H, D, groups, bins, scales, tables, ids, lengths, bytes(payload))
+    return Blob(mla, dtype, L, P, T, H, D, groups, bins, channel_scaled, scales, tables, ids, lengths, bytes(payload))
