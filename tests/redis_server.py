@@ -51,8 +51,14 @@ class RedisServer:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode} (port {self.port} taken?)")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n" if not self.password else f"AUTH {self.password}\r\nPING\r\n".encode())
-                    if b"PONG" in s.recv(64) + (s.recv(64) if self.password else b""):
+                    s.sendall((f"AUTH {self.password}\r\n" if self.password else "").encode() + b"PING\r\n")
+                    reply = b""
+                    while b"PONG" not in reply and b"-" not in reply[:1]:
+                        chunk = s.recv(64)
+                        if not chunk:
+                            break
+                        reply += chunk
+                    if b"PONG" in reply:
                         return self
             except OSError:
                 time.sleep(0.01)
