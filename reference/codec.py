@@ -15,7 +15,8 @@ The chunk ``x`` is ``[L, 2, T, H, D]`` (layers, K/V plane, tokens, KV heads, hea
    ``bins(l, p)`` comes from :class:`lmkv.config.CodecConfig`: a layer counts as early for plane p when
    ``l < round(early_fraction_p * L)`` (CacheGen: keys 32 bins in layers 0-9, 16 after; values 32 bins in
    layers 0-1, 16 after, for 32 layers). Per-channel scales (``CodecConfig.key_scale_axis``) suit keys, whose
-   outlier channels keep their magnitude over the tokens (KIVI's observation). Dequantization is ``x_hat = (symbol - K) * (scale / K)`` in float32,
+   outlier channels keep their magnitude over the tokens (KIVI's observation).
+   Dequantization is ``x_hat = (symbol - K) * (scale / K)`` in float32,
    cast to the chunk's dtype, so ``|x - x_hat| <= scale / (2K)`` plus that cast's rounding.
 
 2. **Streams.** Symbols are regrouped as ``S = L * P * C`` streams of ``T`` symbols, stream ``(l, p, c)`` holding

@@ -75,9 +75,16 @@ at::Tensor ac_decode(const at::Tensor& data_in, const at::Tensor& offsets_in, co
   const int32_t* tab = cdf.data_ptr<int32_t>();
   uint8_t* sym = out.data_ptr<uint8_t>();
   at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
+    lmkv::rc::LutDecoder dec;
+    const int32_t* built = nullptr;
     for (int64_t s = begin; s < end; ++s) {
-      lmkv::rc::decode_stream(in + off[s], (uint64_t)(off[s + 1] - off[s]), tab + s * W, (int)(W - 1),
-                              sym + s * T, T);
+      const int32_t* row = tab + s * W;
+      // Streams that share a table (lmkv's grouped tables) often share identical rows: rebuild only on change.
+      if (built == nullptr || std::memcmp(built, row, sizeof(int32_t) * W) != 0) {
+        dec.build(row, (int)(W - 1));
+        built = row;
+      }
+      dec.run(in + off[s], (uint64_t)(off[s + 1] - off[s]), row, sym + s * T, T);
     }
   });
   return out;

@@ -54,20 +54,25 @@ def _validate_quantize(chunk: Any, config: Any = None) -> None:
     _check_chunk(chunk, config)
 
 
-def _validate_ac_encode(symbols: Any, cdf: Any) -> None:
-    for name, t, dt in (("symbols", symbols, torch.uint8), ("cdf", cdf, None)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise TypeError(f"{name}: expected a 2-D tensor")
-        if dt is not None and t.dtype != dt:
-            raise TypeError(f"{name}: expected dtype {dt}, got {t.dtype}")
-    if cdf.shape[0] != symbols.shape[0]:
-        raise ValueError(f"cdf: has {cdf.shape[0]} rows but symbols has {symbols.shape[0]} streams")
+def _check_cdf(cdf: Any) -> torch.Tensor:
+    if not isinstance(cdf, torch.Tensor) or cdf.dim() != 2 or cdf.dtype.is_floating_point:
+        raise TypeError("cdf: expected a 2-D integer tensor [S, n + 1]")
     n = cdf.shape[1] - 1
     if not 1 <= n <= 256:
         raise ValueError(f"cdf: alphabet of {n} symbols outside [1, 256]")
     c = cdf.to(torch.int64)
     if bool((c[:, 0] != 0).any() | (c[:, -1] != 1 << 16).any() | (c.diff(dim=1) < 0).any()):
         raise ValueError("cdf: each row must rise from 0 to 65536")
+    return c
+
+
+def _validate_ac_encode(symbols: Any, cdf: Any) -> None:
+    if not isinstance(symbols, torch.Tensor) or symbols.dim() != 2 or symbols.dtype != torch.uint8:
+        raise TypeError("symbols: expected a 2-D uint8 tensor [S, T]")
+    c = _check_cdf(cdf)
+    n = c.shape[1] - 1
+    if cdf.shape[0] != symbols.shape[0]:
+        raise ValueError(f"cdf: has {cdf.shape[0]} rows but symbols has {symbols.shape[0]} streams")
     if symbols.numel():
         if int(symbols.max()) >= n:
             raise ValueError(f"symbols: value {int(symbols.max())} outside the alphabet of {n}")
@@ -81,7 +86,7 @@ def _validate_ac_decode(data: Any, lengths: Any, cdf: Any, num_tokens: Any) -> N
         raise TypeError(f"data: expected bytes, got {type(data).__name__}")
     if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or bool((lengths < 0).any()):
         raise ValueError("lengths: expected a 1-D tensor of non-negative stream lengths")
-    if not isinstance(cdf, torch.Tensor) or cdf.dim() != 2 or cdf.shape[0] != lengths.shape[0]:
+    if _check_cdf(cdf).shape[0] != lengths.shape[0]:
         raise ValueError("cdf: expected [S, n + 1] with one row per stream length")
     size = data.numel() if isinstance(data, torch.Tensor) else len(data)
     if int(lengths.sum()) != size:

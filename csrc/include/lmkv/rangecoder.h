@@ -127,6 +127,41 @@ LMKV_HD uint64_t encode_stream(const uint8_t* sym, int64_t t, const CdfT* cdf, u
   return e.overflow ? ~0ull : len;
 }
 
+// Same result as Decoder::decode (the s with cdf[s] <= v < cdf[s + 1] is unique), found through a 256-entry
+// table indexed by the top 8 bits of v, then a short forward scan: the CPU path, where the table is cheap.
+struct LutDecoder {
+  uint8_t lut[256];
+  template <typename CdfT>
+  inline void build(const CdfT* cdf, int n) {
+    int s = 0;
+    for (int j = 0; j < 256; ++j) {
+      uint32_t v = (uint32_t)j << 8;
+      while (s + 1 < n && (uint32_t)cdf[s + 1] <= v) ++s;
+      lut[j] = (uint8_t)s;
+    }
+  }
+  template <typename CdfT>
+  inline void run(const uint8_t* in, uint64_t len, const CdfT* cdf, uint8_t* sym, int64_t t) {
+    Decoder d;
+    d.init(in, len);
+    for (int64_t i = 0; i < t; ++i) {
+      uint32_t r = d.range >> kPrecision;
+      uint32_t v = d.code / r;
+      if (v > 0xFFFFu) v = 0xFFFFu;
+      uint32_t s = lut[v >> 8];
+      while ((uint32_t)cdf[s + 1] <= v) ++s;
+      uint32_t lo = (uint32_t)cdf[s];
+      d.code -= r * lo;
+      d.range = r * ((uint32_t)cdf[s + 1] - lo);
+      while (d.range < kTop) {
+        d.code = (d.code << 8) | d.next();
+        d.range <<= 8;
+      }
+      sym[i] = (uint8_t)s;
+    }
+  }
+};
+
 template <typename CdfT>
 LMKV_HD void decode_stream(const uint8_t* in, uint64_t len, const CdfT* cdf, int n, uint8_t* sym, int64_t t) {
   Decoder d;
