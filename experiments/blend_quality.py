@@ -1,0 +1,396 @@
+"""CacheBlend quality study on the real SmolLM2-135M-Instruct: fidelity to full prefill vs recompute ratio, and TTFT.
+
+Synthetic RAG: ``--docs`` short documents about fictional towns, each with distinct generated facts (mayor,
+founding year, population, river, export, dish, festival month ...), padded with neutral filler to a few hundred
+tokens. Every question asks about one town (or compares two); every prompt holds all documents in a fresh random
+order, so prefix caching reuses only what happens to come first. Each document's KV is prefilled once *on its
+own* (positions from 0), as a KV store would hold it.
+
+Methods per question (run one after another per question, so they alternate in one process):
+  full      plain full prefill (the reference every fidelity figure is measured against)
+  prefix    prefix caching: header + first document reused exactly, the rest prefilled
+  reuse     full reuse: every document's cached KV re-rotated and concatenated, only the question computed
+  blend r   CacheBlend recomputing r of the cached tokens after check layer(s) (BlendConfig defaults)
+
+Fidelity (does not depend on the model's skill): the mean KL(full || method) of the next-token distributions
+over the answer, teacher-forced on the full-prefill greedy answer; ROUGE-L F1 and exact match of the method's
+greedy answer against the full-prefill answer. Task accuracy (the known fact appears in the answer) is reported
+beside them. TTFT is the prefill time up to the first token's logits (cached KV already in RAM).
+
+    .venv/bin/python -m experiments.blend_quality            # ~6 docs, 10 questions (< 10 min on 2 free cores)
+    .venv/bin/python -m experiments.blend_quality --small    # 3 short docs, 2 questions (tests / notebook)
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from experiments._common import print_table, save_plot, small, write_rows
+from lmkv.blending import blend_prefill, cache_to_kv, kv_deviation_by_layer, kv_to_cache, prefill_kv
+from lmkv.config import BlendConfig
+
+NAME = "blend_quality"
+RATIOS = (0.05, 0.10, 0.15, 0.30)
+
+_SYLLABLES = ["var", "lon", "esk", "mar", "tel", "dor", "bri", "qua", "zen", "hol", "fin", "gar", "ost", "ril", "umb"]
+_FIRST = ["Elena", "Marcus", "Ingrid", "Tobias", "Amara", "Kenji", "Sofia", "Bruno", "Leila", "Oskar", "Nadia", "Ivo"]
+_LAST = ["Kimura", "Vance", "Okafor", "Lindqvist", "Moreau", "Castellano", "Petrov", "Haddad", "Novak", "Brandt"]
+_EXPORTS = ["copper wire", "blue cheese", "glass beads", "wool blankets", "clay pipes", "pine resin", "salted fish"]
+_DISHES = ["barley stew", "plum dumplings", "smoked trout", "onion pie", "honey bread", "lentil soup"]
+_MONTHS = ["January", "March", "April", "June", "August", "October", "November"]
+_COLORS = ["green", "orange", "purple", "silver", "crimson", "yellow"]
+_FILLER = [
+    "The streets near the market are narrow and paved with old grey stones.",
+    "Visitors often remark on the quiet mornings and the smell of fresh bread.",
+    "Several small bridges cross the canals that run through the old quarter.",
+    "In winter the hills around the town are covered with a thin layer of snow.",
+    "The local library keeps a collection of maps that are several centuries old.",
+    "Most houses in the centre have red tiled roofs and wooden shutters.",
+    "A weekly market sells vegetables, cloth and tools from the nearby villages.",
+    "The town hall stands on the main square next to a tall clock tower.",
+    "Farmers in the valley grow wheat, potatoes and a few kinds of apples.",
+    "An old railway line connects the town with the coast in about three hours.",
+]
+
+
+@dataclass
+class Doc:
+    town: str
+    facts: dict[str, str]
+    text: str
+
+
+@dataclass
+class Question:
+    text: str
+    answer: str
+    towns: list[str] = field(default_factory=list)
+
+
+def make_documents(n_docs: int, filler_sentences: int, seed: int = 0) -> list[Doc]:
+    """Documents with distinct facts: every town has a different name, mayor, river and year."""
+    rng = random.Random(seed)
+    docs: list[Doc] = []
+    used: set[str] = set()
+    while len(docs) < n_docs:
+        town = (rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) + rng.choice(["holm", "wick", "stad", "burg"]))
+        town = town.capitalize()
+        mayor = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+        if town in used or mayor in used:
+            continue
+        used |= {town, mayor}
+        facts = {
+            "mayor": mayor,
+            "founded": str(rng.randint(1100, 1900)),
+            "population": f"{rng.randint(2, 95)},{rng.randint(100, 999)}",
+            "river": (rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES)).capitalize(),
+            "export": rng.choice(_EXPORTS),
+            "dish": rng.choice(_DISHES),
+            "festival": rng.choice(_MONTHS),
+            "color": rng.choice(_COLORS),
+        }
+        sentences = [
+            f"{town} is a town that was founded in the year {facts['founded']}.",
+            f"The mayor of {town} is {facts['mayor']}.",
+            f"{town} has a population of {facts['population']} people.",
+            f"The river that flows through {town} is called the {facts['river']}.",
+            f"The main export of {town} is {facts['export']}.",
+            f"The traditional dish of {town} is {facts['dish']}.",
+            f"Every year {town} holds its harvest festival in {facts['festival']}.",
+            f"The flag of {town} is {facts['color']}.",
+        ]
+        filler = [rng.choice(_FILLER) for _ in range(filler_sentences)]
+        body = sentences[:2] + filler[: filler_sentences // 2] + sentences[2:] + filler[filler_sentences // 2 :]
+        docs.append(Doc(town, facts, f"Document about {town}. " + " ".join(body)))
+    return docs
+
+
+_TEMPLATES = {
+    "mayor": "Who is the mayor of {town}?",
+    "founded": "In which year was {town} founded?",
+    "river": "What is the name of the river that flows through {town}?",
+    "export": "What is the main export of {town}?",
+    "dish": "What is the traditional dish of {town}?",
+    "festival": "In which month does {town} hold its harvest festival?",
+    "color": "What color is the flag of {town}?",
+}
+
+
+def make_questions(docs: list[Doc], n_questions: int, seed: int = 0) -> list[Question]:
+    """Mostly single-document lookups; every fourth question compares the founding years of two towns."""
+    rng = random.Random(seed + 1)
+    out: list[Question] = []
+    for i in range(n_questions):
+        if i % 4 == 3 and len(docs) >= 2:
+            a, b = rng.sample(docs, 2)
+            older = a if int(a.facts["founded"]) < int(b.facts["founded"]) else b
+            out.append(Question(f"Which town was founded earlier, {a.town} or {b.town}?", older.town,
+                                [a.town, b.town]))
+            continue
+        doc = rng.choice(docs)
+        key = rng.choice(sorted(_TEMPLATES))
+        out.append(Question(_TEMPLATES[key].format(town=doc.town), doc.facts[key], [doc.town]))
+    return out
+
+
+class Prompts:
+    """Token-level prompt assembly: header | documents in some order | question, each tokenized on its own."""
+
+    def __init__(self, tokenizer: Any, docs: list[Doc]) -> None:
+        self.tok = tokenizer
+        self.header = self._ids("<|im_start|>system\nYou are a helpful assistant. Answer the question using the "
+                                "documents. Answer briefly.<|im_end|>\n<|im_start|>user\n")
+        self.docs = [self._ids(d.text + "\n\n") for d in docs]
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False).input_ids)
+
+    def suffix(self, q: Question) -> list[int]:
+        return self._ids(f"Question: {q.text}<|im_end|>\n<|im_start|>assistant\n")
+
+
+# -- metrics --------------------------------------------------------------------------------------------------
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased whitespace words (LCS by dynamic programming)."""
+    a, b = candidate.lower().split(), reference.lower().split()
+    if not a and not b:
+        return 1.0
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+@torch.no_grad()
+def greedy(model: Any, kv: torch.Tensor, logits: torch.Tensor, max_new: int, eos: int) -> list[int]:
+    cache = kv_to_cache(kv)
+    out = [int(logits.argmax())]
+    while len(out) < max_new and out[-1] != eos:
+        step = model(input_ids=torch.tensor([[out[-1]]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out.append(int(step.logits[0, -1].argmax()))
+    return out
+
+
+@torch.no_grad()
+def answer_logprobs(model: Any, kv: torch.Tensor, logits: torch.Tensor, answer: list[int]) -> torch.Tensor:
+    """``[len(answer), V]`` log-probabilities of each answer position, teacher-forced on ``answer``."""
+    first = torch.log_softmax(logits.float(), -1)[None]
+    if len(answer) <= 1:
+        return first
+    out = model(input_ids=torch.tensor([answer[:-1]]), past_key_values=kv_to_cache(kv), use_cache=True)
+    return torch.cat((first, torch.log_softmax(out.logits[0].float(), -1)))
+
+
+def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
+    """Mean over positions of KL(p || q)."""
+    return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
+
+
+# -- the study --------------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    model: Any
+    tokenizer: Any
+    docs: list[Doc]
+    questions: list[Question]
+    prompts: Prompts
+    doc_kv: list[torch.Tensor]
+    header_kv: torch.Tensor
+
+
+def setup(n_docs: int, n_questions: int, filler: int, seed: int = 0, model_and_tokenizer: Any = None) -> Setup:
+    from lmkv.models import load_smollm2
+
+    model, tok = model_and_tokenizer or load_smollm2()
+    torch.manual_seed(seed)
+    docs = make_documents(n_docs, filler, seed)
+    questions = make_questions(docs, n_questions, seed)
+    prompts = Prompts(tok, docs)
+    doc_kv = [prefill_kv(model, ids)[0] for ids in prompts.docs]  # each document on its own, positions from 0
+    header_kv = prefill_kv(model, prompts.header)[0]
+    return Setup(model, tok, docs, questions, prompts, doc_kv, header_kv)
+
+
+def layout(s: Setup, q: Question, order: list[int]) -> tuple[torch.Tensor, list[tuple], int]:
+    """(input_ids, segments, length of header + first document)."""
+    ids = list(s.prompts.header)
+    segs: list[tuple] = [(0, len(ids), s.header_kv, 0)]
+    for i in order:
+        segs.append((len(ids), len(ids) + len(s.prompts.docs[i]), s.doc_kv[i], 0))
+        ids += s.prompts.docs[i]
+    first_end = segs[1][1]
+    ids += s.prompts.suffix(q)
+    return torch.tensor(ids), segs, first_end
+
+
+def run_methods(s: Setup, ratios: tuple[float, ...], max_new: int, seed: int, progress: bool = True,
+                blend: BlendConfig | None = None) -> list[dict[str, Any]]:
+    """One row per (question, method): KL, ROUGE-L, exact match, accuracy, TTFT."""
+    from tqdm.auto import tqdm
+
+    blend = blend or BlendConfig()
+    model, tok = s.model, s.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    rng = random.Random(seed + 2)
+    rows: list[dict[str, Any]] = []
+    # Untimed warm-up: builds/loads the C++ re-rotation op and touches every code path once.
+    warm_ids, warm_segs, _ = layout(s, s.questions[0], list(range(len(s.docs))))
+    blend_prefill(model, warm_ids, warm_segs, ratio=0.15, check_layers=blend.check_layers, deviation=blend.deviation)
+    for qi, q in enumerate(tqdm(s.questions, desc="questions", disable=not progress)):
+        order = list(range(len(s.docs)))
+        rng.shuffle(order)
+        ids, segs, first_end = layout(s, q, order)
+        # Prefix cache hit: the KV of header + first document as an earlier request with that prefix left it.
+        prefix_kv, _ = prefill_kv(model, ids[:first_end])
+        results: dict[str, tuple[torch.Tensor, torch.Tensor, float, float]] = {}
+
+        t0 = time.perf_counter()
+        full_kv, full_logits = prefill_kv(model, ids)
+        results["full"] = (full_kv, full_logits, time.perf_counter() - t0, 1.0)
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model(input_ids=ids[None, first_end:], past_key_values=kv_to_cache(prefix_kv), use_cache=True,
+                        logits_to_keep=1)
+        results["prefix"] = (cache_to_kv(out.past_key_values), out.logits[0, -1], time.perf_counter() - t0,
+                             1 - first_end / len(ids))
+
+        for name, ratio in [("reuse", 0.0), *((f"blend {r:.0%}", r) for r in ratios)]:
+            t0 = time.perf_counter()
+            cache, logits, stats = blend_prefill(model, ids, segs, ratio=ratio, check_layers=blend.check_layers,
+                                                 deviation=blend.deviation)
+            elapsed = time.perf_counter() - t0
+            results[name] = (cache_to_kv(cache), logits, elapsed, stats.recompute_fraction)
+
+        full_answer = greedy(model, full_kv, full_logits, max_new, eos)
+        full_text = tok.decode(full_answer, skip_special_tokens=True).strip()
+        full_lp = answer_logprobs(model, full_kv, full_logits, full_answer)
+        for name, (kv, logits, ttft, frac) in results.items():
+            ans = full_answer if name == "full" else greedy(model, kv, logits, max_new, eos)
+            text = tok.decode(ans, skip_special_tokens=True).strip()
+            lp = full_lp if name == "full" else answer_logprobs(model, kv, logits, full_answer)
+            rows.append({
+                "question": qi, "method": name, "ratio": {"full": 1.0, "prefix": None, "reuse": 0.0}.get(
+                    name, float(name.split()[-1].rstrip("%")) / 100 if name.startswith("blend") else None),
+                "tokens": int(ids.shape[0]), "kl": kl(full_lp, lp), "rouge_l": rouge_l(text, full_text),
+                "exact": float(text == full_text), "correct": float(q.answer.lower() in text.lower()),
+                "ttft_s": ttft, "ttft_full_s": results["full"][2], "recompute": frac,
+                "answer": text, "full_answer": full_text, "truth": q.answer,
+            })
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    out = []
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+        out.append({
+            "method": m,
+            "KL": statistics.mean(r["kl"] for r in rs),
+            "ROUGE-L": statistics.mean(r["rouge_l"] for r in rs),
+            "exact": statistics.mean(r["exact"] for r in rs),
+            "accuracy": statistics.mean(r["correct"] for r in rs),
+            "TTFT s": statistics.median(r["ttft_s"] for r in rs),
+            "speedup": statistics.median(r["ttft_full_s"] / r["ttft_s"] for r in rs),
+            "recompute": statistics.mean(r["recompute"] for r in rs),
+            "n": len(rs),
+        })
+    return out
+
+
+def targets(summary: list[dict[str, Any]]) -> dict[str, Any]:
+    by = {r["method"]: r for r in summary}
+    b15, reuse = by.get("blend 15%"), by.get("reuse")
+    if not b15 or not reuse:
+        return {}
+    return {
+        "kl_ratio_vs_reuse": b15["KL"] / reuse["KL"] if reuse["KL"] > 0 else float("nan"),
+        "kl_target_met": reuse["KL"] > 0 and b15["KL"] <= 0.25 * reuse["KL"],
+        "rouge_15": b15["ROUGE-L"], "rouge_reuse": reuse["ROUGE-L"],
+        "rouge_target_met": b15["ROUGE-L"] >= 0.9,
+        "speedup_15": b15["speedup"], "ttft_target_met": b15["speedup"] >= 2.0,
+    }
+
+
+def plot(summary: list[dict[str, Any]]) -> Any:
+    import matplotlib.pyplot as plt
+
+    blends = [r for r in summary if r["method"].startswith("blend")]
+    xs = [float(r["method"].split()[-1].rstrip("%")) for r in blends]
+    by = {r["method"]: r for r in summary}
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, key, log in ((axes[0], "KL", True), (axes[1], "ROUGE-L", False)):
+        ax.plot(xs, [r[key] for r in blends], "o-", label="CacheBlend")
+        for name, style in (("reuse", "r--"), ("prefix", "g:")):
+            if name in by:
+                ax.axhline(by[name][key], color=style[0], linestyle=style[1:], label=name)
+        ax.set_xlabel("recompute ratio (%)")
+        ax.set_ylabel(f"{key} vs full prefill")
+        if log:
+            ax.set_yscale("symlog", linthresh=1e-3)
+        ax.legend()
+    names = [r["method"] for r in summary]
+    axes[2].bar(names, [r["TTFT s"] for r in summary])
+    axes[2].set_ylabel("TTFT (s, median)")
+    axes[2].tick_params(axis="x", rotation=45)
+    fig.suptitle("CacheBlend on SmolLM2-135M: fidelity to full prefill and TTFT")
+    fig.tight_layout()
+    return fig
+
+
+def deviation_study(s: Setup, question: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per-layer, per-token K and V deviation (full prefill vs re-rotated cache) for one prompt's cached tokens."""
+    order = list(range(len(s.docs)))
+    random.Random(seed).shuffle(order)
+    ids, segs, _ = layout(s, s.questions[question], order)
+    dev = kv_deviation_by_layer(s.model, ids, segs)
+    return {k: v[:, ~torch.isnan(v[0])] for k, v in dev.items()}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--small", action="store_true", help="3 short documents, 2 questions")
+    p.add_argument("--docs", type=int, default=6)
+    p.add_argument("--questions", type=int, default=10)
+    p.add_argument("--filler", type=int, default=14, help="filler sentences per document (sets its length)")
+    p.add_argument("--max-new", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.small or small():
+        args.docs, args.questions, args.filler, args.max_new = 3, 2, 2, 6
+    torch.set_grad_enabled(False)
+    s = setup(args.docs, args.questions, args.filler, args.seed)
+    rows = run_methods(s, RATIOS, args.max_new, args.seed)
+    summary = summarize(rows)
+    print_table(summary, ["method", "KL", "ROUGE-L", "exact", "accuracy", "TTFT s", "speedup", "recompute", "n"],
+                title=f"CacheBlend on SmolLM2-135M: {args.docs} docs, {args.questions} questions, "
+                      f"~{rows[0]['tokens']} tokens per prompt")
+    tgt = targets(summary)
+    print(f"targets at 15 %: {tgt}")
+    cfg = BlendConfig()
+    write_rows(NAME, [{**r, "kind": "question", "check_layers": list(cfg.check_layers), "deviation": cfg.deviation,
+                       "docs": args.docs, "small": bool(args.small or small())} for r in rows]
+               + [{**r, "kind": "summary", "docs": args.docs} for r in summary] + [{"kind": "targets", **tgt}])
+    save_plot(plot(summary), NAME)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
