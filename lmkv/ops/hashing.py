@@ -35,8 +35,11 @@ def as_tokens(tokens: Any, name: str = "tokens") -> np.ndarray:
     if isinstance(tokens, torch.Tensor):
         if tokens.dtype == torch.bool or tokens.dtype.is_floating_point or tokens.dtype.is_complex:
             raise TypeError(f"{name} must hold integer token ids, got a tensor of {tokens.dtype}")
-        arr = tokens.detach().cpu().contiguous().numpy() if tokens.dtype != torch.uint16 else (
-            tokens.detach().cpu().to(torch.int32).numpy())
+        if tokens.device.type != "cpu" or tokens.requires_grad or tokens.dtype == torch.uint16:
+            tokens = tokens.detach().cpu()
+            if tokens.dtype == torch.uint16:
+                tokens = tokens.to(torch.int32)
+        arr = tokens.numpy()  # numpy copes with strides; np.ascontiguousarray below copies only if needed
     elif isinstance(tokens, np.ndarray):
         arr = tokens
     elif isinstance(tokens, (list, tuple, range, array.array)):
