@@ -88,8 +88,8 @@ class KVEngine:
         self.model_id = model_id or self.config.model_id or "unnamed-model"
         self.chunk_size = self.config.chunk_size
         self.keyspace = KeySpace(self.model_id, geometry, rank=rank, world_size=world_size)
-        self.db = TokenDatabase(self.chunk_size, self.keyspace, include_partial=self.config.save_partial_chunks)
-        self.store = store if store is not None else TieredStore.from_config(self.config)
+        self.db = TokenDatabase(self.chunk_size, self.keyspace, save_partial=self.config.save_partial_chunks)
+        self.storage = store if store is not None else TieredStore.from_config(self.config)
         self._owns_store = store is None
         self.counters = EngineCounters()
         self._lock = threading.Lock()
@@ -115,7 +115,7 @@ class KVEngine:
         """Number of leading tokens of ``tokens`` whose chunks are all stored (0 .. len(tokens))."""
         toks = _token_list(tokens)
         t0 = time.perf_counter()
-        n = self.db.lookup(toks, self.store.batched_contains)
+        n = self.db.lookup(toks, self.storage.batched_contains)
         with self._lock:
             self.counters.lookups += 1
             self.counters.lookup_s += time.perf_counter() - t0
@@ -136,19 +136,19 @@ class KVEngine:
         if not 0 <= offset <= len(toks) or offset + num > len(toks):
             raise ValueError(f"offset={offset} with kv of {num} tokens does not fit tokens of length {len(toks)}")
         t0 = time.perf_counter()
-        stored = skipped = 0
-        chunks = [c for c in self.db.chunks(toks) if c[0] >= offset and c[1] <= offset + num]
-        keys = [key for _, _, key in chunks]
-        present = self.store.contains_many(keys) if hasattr(self.store, "contains_many") else [
-            self.store.contains(k) for k in keys
-        ]
-        for (start, end, key), have in zip(chunks, present):
-            if have:
-                skipped += 1
-                continue
-            piece = kv[:, :, start - offset : end - offset].contiguous()
-            self.store.put(key, piece, fingerprint=hashing.token_fingerprint(toks[start:end]))
-            stored += end - start
+        stored = 0
+        all_chunks = self.db.chunks(toks)
+        wanted = [i for i, (s, e, _) in enumerate(all_chunks) if s >= offset and e <= offset + num]
+        chunks = [all_chunks[i] for i in wanted]
+        missing = [i for i, (_, _, key) in zip(wanted, chunks) if not self.storage.contains(key)]
+        skipped = len(chunks) - len(missing)
+        if missing:
+            # A prefix chunk's KV depends on every token before it: its fingerprint covers tokens[0:end].
+            fps = hashing.prefix_fingerprints(toks, [all_chunks[i][1] for i in missing], salt=self.keyspace.salt)
+            for i, fp in zip(missing, fps):
+                start, end, key = all_chunks[i]
+                self.storage.put(key, kv[:, :, start - offset : end - offset].contiguous(), fingerprint=fp)
+                stored += end - start
         with self._lock:
             self.counters.stored_tokens += stored
             self.counters.stored_chunks += len(chunks) - skipped
@@ -169,8 +169,9 @@ class KVEngine:
         n = 0
         tiers: dict[str, int] = {}
         chunks = self.db.chunks(toks)
-        for start, end, key in chunks:
-            kv, tier = self._get(key, toks[start:end])
+        fps = self.db.fingerprints(toks) if chunks else []
+        for (start, end, key), fp in zip(chunks, fps):
+            kv, tier = self._get(key, end - start, fp)
             if kv is None:
                 break
             pieces.append(kv)
@@ -188,13 +189,11 @@ class KVEngine:
             self._last_tiers = tiers
         return out, n
 
-    def _get(self, key: str, chunk_tokens: list[int]) -> tuple[torch.Tensor | None, str]:
-        fp = hashing.token_fingerprint(chunk_tokens)
-        result = self.store.get_with_tier(key, fingerprint=fp)
-        kv, tier = result
-        if kv is None:
+    def _get(self, key: str, num_tokens: int, fingerprint: bytes) -> tuple[torch.Tensor | None, str]:
+        kv, tier = self.storage.get_with_tier(key, fingerprint=fingerprint)
+        if kv is None or tier is None:
             return None, ""
-        want = self.geometry.chunk_shape(len(chunk_tokens))
+        want = self.geometry.chunk_shape(num_tokens)
         if tuple(kv.shape) != want or kv.dtype != self.geometry.dtype:
             # A foreign object under our key: treat as a miss (the key names the geometry, so this is corruption).
             with self._lock:
@@ -252,16 +251,16 @@ class KVEngine:
     def stats(self) -> dict[str, Any]:
         c = self.counters
         out = {k: v for k, v in c.__dict__.items() if k != "extra"}
-        out["tiers"] = self.store.stats()
+        out["tiers"] = self.storage.stats()
         return out
 
     def flush(self) -> None:
         """Wait until asynchronous writes to lower tiers are done."""
-        self.store.flush()
+        self.storage.flush()
 
     def close(self) -> None:
         if self._owns_store:
-            self.store.close()
+            self.storage.close()
 
     def __enter__(self) -> KVEngine:
         return self

@@ -10,6 +10,7 @@ Operators register with ``TORCH_LIBRARY_FRAGMENT(lmkv, m)``, so the libraries lo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -23,8 +24,9 @@ _loaded: dict[str, str | None] = {}
 _lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=1)
 def compiler_missing() -> str | None:
-    """Why no C++ extension can be built here, or None."""
+    """Why no C++ extension can be built here, or None (probed once: dispatch asks on every call)."""
     if not (CSRC / "include").is_dir():
         return f"csrc sources not found at {CSRC} (install lmkv from a source checkout)"
     if shutil.which(os.environ.get("CXX", "c++")) is None:

