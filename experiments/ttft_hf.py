@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> None:
         "memory+cachegen": {"memory": {"capacity": "4GiB", "serde": "cachegen"}, "disk": {"enabled": False}},
     }
     if not args.no_redis and shutil.which("redis-server"):
-        from lmkv.storage.redis_server import RedisServer
+        from lmkv.testing import LocalRedis
 
-        redis = RedisServer.start(tmp / "redis")
+        redis = LocalRedis().start()
         variants["redis"] = {"memory": {"enabled": False}, "disk": {"enabled": False},
                              "redis": {"enabled": True, "url": redis.url, "socket_timeout": 30.0}}
     rows: list[dict[str, Any]] = []
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.extend(_measure(model, tok, n, variants, args.repeats))
     finally:
         if redis is not None:
-            redis.stop()
+            redis.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
 
     print_table(rows, ["prompt_tokens", "variant", "ttft_s", "speedup_vs_cold", "bound_s", "ttft_over_bound",
