@@ -33,7 +33,7 @@ def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tens
 
 
 def _blob(obj: Encoded) -> bytes:
-    return obj.header_bytes() + bytes(memoryview(obj.payload).cast("B"))
+    return obj.header_bytes() + bytes(obj.view())
 
 
 shapes = st.lists(st.integers(0, 5), min_size=0, max_size=5).map(tuple)

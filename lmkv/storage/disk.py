@@ -190,7 +190,7 @@ class DiskTier:
             final.parent.mkdir(exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                _write_all(fd, [header, job.obj.payload])
+                _write_all(fd, [header, job.obj.view()])
             finally:
                 os.close(fd)
             with self._lock:

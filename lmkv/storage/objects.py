@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import ctypes
 import struct
-import threading
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import torch
 
 from lmkv.errors import CorruptObject
 from lmkv.types import DTYPE_CODES, DTYPES_BY_CODE
@@ -67,6 +69,9 @@ def default_checksum_algo() -> int:
     return CSUM_XXH3 if _xxhash is not None else CSUM_CRC32
 
 
+_DEFAULT_ALGO = default_checksum_algo()
+
+
 def checksum(data: Buffer, algo: int) -> int:
     """64-bit checksum of ``data`` with the given algorithm; CorruptObject if this build cannot compute it."""
     if algo == CSUM_XXH3:
@@ -94,7 +99,7 @@ class ObjectHeader:
     serde: int
     payload_len: int
     checksum: int | None = None
-    checksum_algo: int = field(default_factory=default_checksum_algo)
+    checksum_algo: int = _DEFAULT_ALGO
 
     @property
     def header_len(self) -> int:
@@ -178,31 +183,51 @@ def verify_payload(header: ObjectHeader, payload: Buffer) -> None:
 
 
 class Encoded:
-    """One stored object in flight: header + payload buffer, with an ownership hook.
+    """One stored object in flight: header + payload, with an ownership hook.
 
-    ``owned`` means the payload buffer belongs to whoever holds this object (a fresh read), so it may be
-    wrapped into a tensor without a copy. Otherwise it is borrowed (a lease on a memory-tier pool slot, or a
-    caller's tensor) and must be copied out before :meth:`release`. Whoever receives an Encoded must release
-    it exactly once (``with`` does that); tiers that take one in ``put`` release it when they are done.
+    ``payload`` is a buffer (bytes, bytearray, memoryview) or a contiguous CPU tensor (any dtype: its bytes
+    are the payload); :meth:`view` gives bytes either way. ``owned`` means the payload belongs to whoever
+    holds this object (a fresh read), so it may be wrapped into a tensor without a copy. Otherwise it is
+    borrowed (a lease on a memory-tier pool slot, or a caller's tensor) and must be copied out before
+    :meth:`release`. Whoever receives an Encoded must release it exactly once (``with`` does that); tiers
+    that take one in ``put`` release it when they are done.
     """
 
-    __slots__ = ("header", "payload", "owned", "_release", "_lock", "keepalive")
+    __slots__ = ("header", "payload", "owned", "_release", "keepalive", "_addr")
 
     def __init__(self, header: ObjectHeader, payload: Buffer, *, owned: bool = False,
-                 release: Callable[[], None] | None = None, keepalive: Any = None) -> None:
+                 release: Callable[[], None] | None = None, keepalive: Any = None, addr: int = 0) -> None:
         self.header = header
         self.payload = payload
         self.owned = owned
         self._release = release
-        self._lock = threading.Lock()
+        self._addr = addr  # the payload's address when the producer knows it (memory pool slots)
         self.keepalive = keepalive  # keeps the object that owns ``payload`` alive (a tensor, bytes)
 
+    def view(self) -> memoryview:
+        p = self.payload
+        if hasattr(p, "numpy"):  # a tensor
+            if p.numel() == 0:
+                return memoryview(b"")
+            return memoryview(p.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        return memoryview(p).cast("B")
+
+    def address(self) -> tuple[int, Any]:
+        """(address of the payload's first byte, an object to keep alive while it is used)."""
+        p = self.payload
+        if self._addr:
+            return self._addr, p
+        if hasattr(p, "data_ptr"):
+            return p.data_ptr(), p
+        arr = np.frombuffer(self.view(), dtype=np.uint8)
+        return arr.ctypes.data, arr
+
     def header_bytes(self) -> bytes:
-        return self.header.pack(self.payload)
+        return self.header.pack(self.view() if self.header.checksum is None else None)
 
     def release(self) -> None:
-        with self._lock:
-            fn, self._release = self._release, None
+        # Idempotent; a single owner releases, so the swap needs no lock (and a lock per object costs ~1 us).
+        fn, self._release = self._release, None
         if fn is not None:
             fn()
 

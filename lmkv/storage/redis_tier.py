@@ -185,7 +185,7 @@ class RedisTier:
                         pipe.delete(rkey)
                     else:
                         pipe.set(rkey, op.obj.header_bytes())
-                        pipe.append(rkey, memoryview(op.obj.payload).cast("B"))
+                        pipe.append(rkey, op.obj.view())
                 pipe.execute()
                 self._ok()
                 sent = live

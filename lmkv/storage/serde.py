@@ -8,6 +8,8 @@ always records the decoded tensor's dtype and shape, so a reader needs no config
 
 from __future__ import annotations
 
+import ctypes
+import math
 from typing import Any, Protocol
 
 import torch
@@ -27,6 +29,8 @@ class Serde(Protocol):
 
 
 def _check_out(out: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
     if out.dtype != dtype or tuple(out.shape) != shape:
         raise ValueError(f"out has {out.dtype} {tuple(out.shape)}, stored object is {dtype} {shape}")
     if not out.is_contiguous():
@@ -35,19 +39,33 @@ def _check_out(out: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) ->
 
 def tensor_bytes(kv: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor (any dtype, bf16/fp8 included)."""
-    flat = kv.reshape(-1).view(torch.uint8) if kv.numel() else torch.empty(0, dtype=torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
+    return memoryview(flat_bytes(kv).numpy()).cast("B")
+
+
+def flat_bytes(kv: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous CPU tensor as a 1-D uint8 tensor view (no copy)."""
+    if kv.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return kv.reshape(-1).view(torch.uint8)
 
 
 def _bytes_tensor(buf: Any) -> tuple[torch.Tensor, bool]:
     """(uint8 tensor over ``buf``, whether it is a private copy). Read-only buffers are copied: torch has
     no read-only tensors."""
+    if isinstance(buf, torch.Tensor):
+        return flat_bytes(buf), False
     mv = memoryview(buf).cast("B")
     if len(mv) == 0:
         return torch.empty(0, dtype=torch.uint8), True
     if mv.readonly:
         return torch.frombuffer(bytearray(mv), dtype=torch.uint8), True
     return torch.frombuffer(mv, dtype=torch.uint8), False
+
+
+def _nbytes(payload: Any) -> int:
+    if isinstance(payload, torch.Tensor):
+        return payload.numel() * payload.element_size()
+    return memoryview(payload).nbytes
 
 
 class RawSerde:
@@ -58,27 +76,30 @@ class RawSerde:
         if kv.device.type != "cpu":
             kv = kv.to("cpu")
         kv = kv.contiguous()
-        shape = tuple(int(s) for s in kv.shape)
+        shape = tuple(kv.shape)
         validate_fields(key, fingerprint, shape)
-        payload = tensor_bytes(kv)
-        header = ObjectHeader(key, bytes(fingerprint), dtype_code(kv.dtype), shape, self.code, len(payload))
-        return Encoded(header, payload, owned=False, keepalive=kv)
+        header = ObjectHeader(key, bytes(fingerprint), dtype_code(kv.dtype), shape, self.code,
+                              kv.numel() * kv.dtype.itemsize)
+        return Encoded(header, kv, owned=False, keepalive=kv)
 
     def decode(self, obj: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
         h = obj.header
         dtype = DTYPES_BY_CODE[h.dtype_code]
         shape = tuple(h.shape)
-        elem = torch.empty((), dtype=dtype).element_size()
-        n = 1
-        for s in shape:
-            n *= s
-        if n * elem != h.payload_len or len(memoryview(obj.payload).cast("B")) != h.payload_len:
+        n = math.prod(shape)
+        if n * dtype.itemsize != h.payload_len or _nbytes(obj.payload) != h.payload_len:
             raise CorruptObject(f"raw payload of {h.payload_len} bytes does not hold {dtype} {shape}")
-        src, private = _bytes_tensor(obj.payload)
         if out is not None:
             _check_out(out, dtype, shape)
-            out.reshape(-1).view(torch.uint8).copy_(src)
+            if out.device.type == "cpu":
+                # one memmove: torch's per-op overhead (several us here) matters next to a 2 MiB copy
+                addr, keep = obj.address()
+                ctypes.memmove(out.data_ptr(), addr, h.payload_len)
+                del keep
+            else:
+                out.copy_(_bytes_tensor(obj.payload)[0].view(dtype).reshape(shape))
             return out
+        src, private = _bytes_tensor(obj.payload)
         if not (obj.owned or private):
             src = src.clone()
         return src.view(dtype).reshape(shape) if n else torch.empty(shape, dtype=dtype)
@@ -108,7 +129,7 @@ class CacheGenSerde:
         h = obj.header
         dtype = DTYPES_BY_CODE[h.dtype_code]
         try:
-            kv = self._codec().decode(bytes(memoryview(obj.payload).cast("B")))
+            kv = self._codec().decode(bytes(obj.view()))
         except (ValueError, RuntimeError) as exc:  # CodecError is a ValueError
             raise CorruptObject(f"cachegen payload of {h.key!r} does not decode: {exc}") from None
         if kv.dtype != dtype or tuple(kv.shape) != tuple(h.shape):

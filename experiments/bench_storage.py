@@ -1,0 +1,265 @@
+"""Put/get throughput of each storage tier beside its raw baseline, measured alternately in one process.
+
+For 2 MiB and 32 MiB objects (``--small``: 256 KiB and 2 MiB) and each tier, the lmkv path (encode with the
+``raw`` serde: header + checksum, tier put/get, decode) is timed interleaved with a raw baseline on the same
+bytes:
+
+* memory: ``MemoryTier`` put / get-into-a-preallocated-tensor vs ``copy_`` into a preallocated buffer;
+* disk: ``DiskTier`` put + flush / get vs a plain ``open().write()`` / ``open().read()`` of the same bytes in the
+  same directory (both buffered, no fsync). Reads are measured twice: from a warm page cache, and cold (each
+  file fsynced and evicted with ``posix_fadvise(DONTNEED)`` before every timed read, on both sides);
+* redis: ``RedisTier`` put + flush / get vs plain redis-py ``SET`` / ``GET`` on the same server.
+
+Target: lmkv >= 80 % of each baseline (median GB/s ratio). Prints a Markdown table, writes
+``experiments/results/bench_storage.jsonl`` and ``.png``.
+
+    .venv/bin/python -m experiments.bench_storage [--small] [--repeats N] [--redis-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from experiments._common import alternate, median, print_table, save_plot, small, write_rows
+from lmkv.storage.disk import DiskTier
+from lmkv.storage.memory import MemoryTier
+from lmkv.storage.redis_tier import RedisTier
+from lmkv.storage.serde import RawSerde
+
+NAME = "bench_storage"
+TARGET = 0.8
+
+
+@contextmanager
+def redis_server(url: str | None):
+    """Use ``url``, or start a throwaway redis-server on a free loopback port (no persistence)."""
+    if url:
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server not found: install it (scripts/install_redis.sh) or pass --redis-url")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tempfile.mkdtemp(prefix="lmkv-bench-redis-")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(500):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.01)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _tensor(nbytes: int) -> torch.Tensor:
+    """A bf16 chunk ``[L, 2, T, 8, 64]`` of exactly ``nbytes`` (T = 256 tokens when the size allows)."""
+    per_token_layer = 2 * 8 * 64 * 2
+    t = min(256, nbytes // per_token_layer)
+    layers = nbytes // (per_token_layer * t)
+    assert layers * t * per_token_layer == nbytes, nbytes
+    return torch.randn(layers, 2, t, 8, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+
+
+def alternate_prepared(cands: dict[str, tuple[Callable[[], None], Callable[[], None]]], repeats: int,
+                       ) -> dict[str, list[float]]:
+    """Like ``_common.alternate`` with an untimed ``setup`` before every timed call (cold-cache reads)."""
+    for setup, fn in cands.values():
+        setup()
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    for _ in range(repeats):
+        for name, (setup, fn) in cands.items():
+            setup()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _drop_cache(path: Path) -> None:
+    """Write back and evict ``path`` from the page cache, so the next read comes from the device."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def bench_memory(kv: torch.Tensor, repeats: int) -> dict[str, dict[str, list[float]]]:
+    raw = RawSerde()
+    n = kv.numel() * kv.element_size()
+    tier = MemoryTier(4 * n + (1 << 20))
+    out = torch.empty_like(kv)
+    out.fill_(0)
+    src = kv.reshape(-1).view(torch.uint8)
+    pool = torch.zeros(n, dtype=torch.uint8)
+    dst = torch.zeros(n, dtype=torch.uint8)
+
+    def lmkv_put() -> None:
+        tier.put("k", raw.encode("k", kv, b"fp"))
+
+    def lmkv_get() -> None:
+        with tier.get("k") as obj:
+            raw.decode(obj, out=out)
+
+    put = alternate({"lmkv": lmkv_put, "baseline": lambda: pool.copy_(src)}, repeats=repeats)
+    get = alternate({"lmkv": lmkv_get, "baseline": lambda: dst.copy_(pool)}, repeats=repeats)
+    assert torch.equal(out, kv)
+    tier.assert_no_leaks()
+    return {"put": put, "get": get}
+
+
+def bench_disk(kv: torch.Tensor, repeats: int, root: Path) -> dict[str, dict[str, list[float]]]:
+    raw = RawSerde()
+    n = kv.numel() * kv.element_size()
+    tier = DiskTier(root / "tier", 4 * n + (1 << 20), io_threads=2)
+    data = kv.reshape(-1).view(torch.uint8).numpy().tobytes()
+    plain = root / "plain.bin"
+    got: list[torch.Tensor] = []
+
+    def lmkv_put() -> None:  # replaces the object: unlink the old file, write a new one, wait until written
+        tier.put("k", raw.encode("k", kv, b"fp"))
+        tier.flush()
+
+    def plain_put() -> None:  # the same for a plain file (overwriting in place triggers ext4's flush-on-close)
+        plain.unlink(missing_ok=True)
+        with open(plain, "wb") as fh:
+            fh.write(data)
+
+    def lmkv_get() -> None:
+        with tier.get("k") as obj:
+            got[:] = [raw.decode(obj)]
+
+    def plain_get() -> None:
+        with open(plain, "rb") as fh:
+            fh.read()
+
+    put = alternate({"lmkv": lmkv_put, "baseline": plain_put}, repeats=repeats)
+    warm = alternate({"lmkv": lmkv_get, "baseline": plain_get}, repeats=repeats)
+    assert torch.equal(got[0], kv)
+    cold = alternate_prepared({"lmkv": (lambda: _drop_cache(tier.file_for("k")), lmkv_get),
+                               "baseline": (lambda: _drop_cache(plain), plain_get)}, repeats=repeats)
+    tier.close()
+    return {"put": put, "get (page cache)": warm, "get (cold, fadvise)": cold}
+
+
+def bench_redis(kv: torch.Tensor, repeats: int, url: str) -> dict[str, dict[str, list[float]]]:
+    raw = RawSerde()
+    tier = RedisTier(url, key_prefix="bench:", socket_timeout=30.0)
+    client = tier.client
+    data = kv.reshape(-1).view(torch.uint8).numpy().tobytes()
+    got: list[torch.Tensor] = []
+
+    def lmkv_put() -> None:
+        tier.put("k", raw.encode("k", kv, b"fp"))
+        tier.flush()
+
+    def lmkv_get() -> None:
+        with tier.get("k") as obj:
+            got[:] = [raw.decode(obj)]
+
+    put = alternate({"lmkv": lmkv_put, "baseline": lambda: client.set("plain", data)}, repeats=repeats)
+    get = alternate({"lmkv": lmkv_get, "baseline": lambda: client.get("plain")}, repeats=repeats)
+    assert torch.equal(got[0], kv) and tier.stats()["rejected"] == 0
+    client.delete("plain", "bench:k")
+    tier.close()
+    return {"put": put, "get": get}
+
+
+BASELINES = {"memory": "copy_ into preallocated", "disk": "plain file write/read", "redis": "redis-py SET/GET"}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="test sizes (256 KiB and 2 MiB), few repeats")
+    ap.add_argument("--repeats", type=int, default=0, help="timed rounds per candidate (default 15 / 7)")
+    ap.add_argument("--redis-url", default=None, help="existing server; default: start a throwaway one")
+    ap.add_argument("--tiers", default="memory,disk,redis")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: one thread saturates memory bandwidth here, and OpenMP "
+                         "barriers on a shared, oversubscribed 2-core machine make multi-threaded copies erratic)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    is_small = args.small or small()
+    sizes = [256 << 10, 2 << 20] if is_small else [2 << 20, 32 << 20]
+    tiers = [t for t in args.tiers.split(",") if t]
+    rows: list[dict] = []
+    root = Path(tempfile.mkdtemp(prefix="lmkv-bench-disk-", dir=os.environ.get("LMKV_BENCH_DIR")))
+    try:
+        with redis_server(args.redis_url if "redis" in tiers else "unused") as url:
+            jobs: list[tuple[str, int, Callable[[], dict]]] = []
+            for size in sizes:
+                kv = _tensor(size)
+                reps = args.repeats or (3 if is_small else (21 if size <= (4 << 20) else 9))
+                for tier in tiers:
+                    fn = {"memory": lambda kv=kv, r=reps: bench_memory(kv, r),
+                          "disk": lambda kv=kv, r=reps: bench_disk(kv, r, root),
+                          "redis": lambda kv=kv, r=reps: bench_redis(kv, r, url)}[tier]
+                    jobs.append((tier, kv.numel() * kv.element_size(), fn))
+            for tier, nbytes, fn in tqdm(jobs, desc="tiers x sizes"):
+                for op, times in fn().items():
+                    a, b = median(times["lmkv"]), median(times["baseline"])
+                    rows.append({
+                        "tier": tier, "op": op, "size_mib": round(nbytes / 2**20, 2), "baseline": BASELINES[tier],
+                        "lmkv_gbps": nbytes / a / 1e9, "baseline_gbps": nbytes / b / 1e9, "ratio": b / a,
+                        "target_met": b / a >= TARGET, "repeats": len(times["lmkv"]),
+                        "lmkv_times_s": times["lmkv"], "baseline_times_s": times["baseline"],
+                        "serde": "raw", "backend": "python", "torch_threads": args.threads,
+                    })
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print_table(rows, ["tier", "op", "size_mib", "lmkv_gbps", "baseline_gbps", "ratio", "target_met", "baseline"],
+                title="lmkv storage tiers vs raw baselines (GB/s, medians; ratio target >= 0.8)")
+    write_rows(NAME, rows)
+    plot(rows)
+    return rows
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['tier']}\n{r['op']}\n{r['size_mib']:g}MiB" for r in rows]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, len(rows) * 0.8), 7))
+    x = range(len(rows))
+    ax1.bar([i - 0.2 for i in x], [r["baseline_gbps"] for r in rows], 0.4, label="raw baseline")
+    ax1.bar([i + 0.2 for i in x], [r["lmkv_gbps"] for r in rows], 0.4, label="lmkv tier")
+    ax1.set_ylabel("GB/s (median)")
+    ax1.set_yscale("log")
+    ax1.set_xticks(list(x), labels, fontsize=7)
+    ax1.legend()
+    ax2.bar(list(x), [r["ratio"] for r in rows], color=["tab:green" if r["target_met"] else "tab:red" for r in rows])
+    ax2.axhline(TARGET, color="k", linestyle="--", label="target 0.8")
+    ax2.set_ylabel("lmkv / baseline")
+    ax2.set_xticks(list(x), labels, fontsize=7)
+    ax2.legend()
+    fig.suptitle("storage tiers: put/get throughput vs raw baselines (same run, interleaved)")
+    save_plot(fig, NAME)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
