@@ -37,11 +37,11 @@ FALLBACK_TEXT = (
 ) * 80
 
 VARIANTS: dict[str, CodecConfig | None] = {
-    "cachegen (bins, token scales, per-channel tables)": CodecConfig(table_groups=0),
-    "lmkv token scales, 16 tables": CodecConfig(table_groups=16),
-    "lmkv token scales, 4 tables": CodecConfig(table_groups=4),
-    "lmkv token scales, 64 tables": CodecConfig(table_groups=64),
-    "lmkv K per-channel, 16 tables": CodecConfig(key_scale_axis="channel"),
+    "cachegen (bins, token scales, per-channel tables)": CodecConfig(table_groups=0, key_scale_axis="token"),
+    "lmkv token scales, 16 tables": CodecConfig(table_groups=16, key_scale_axis="token"),
+    "lmkv token scales, 4 tables": CodecConfig(table_groups=4, key_scale_axis="token"),
+    "lmkv token scales, 64 tables": CodecConfig(table_groups=64, key_scale_axis="token"),
+    "lmkv K per-channel, 16 tables (default)": CodecConfig(key_scale_axis="channel"),
     "lmkv K+V per-channel, 16 tables": CodecConfig(key_scale_axis="channel", value_scale_axis="channel"),
     "lmkv K per-channel, late bins 12": CodecConfig(key_scale_axis="channel", key_bins_late=12, value_bins_late=12),
     "lmkv K per-channel, late bins 8": CodecConfig(key_scale_axis="channel", key_bins_late=8, value_bins_late=8),

@@ -114,7 +114,7 @@ class CodecConfig:
     value_bins_early: int = _f(32, "bins for values in early layers", min=3, max=256)
     value_bins_late: int = _f(16, "bins for values in later layers", min=3, max=256)
     value_early_fraction: float = _f(2 / 32, "fraction of layers that count as early for values", min=0.0, max=1.0)
-    key_scale_axis: str = _f("token", "keys share one scale per token vector (CacheGen) or per channel over the chunk",
+    key_scale_axis: str = _f("channel", "keys: one scale per channel over the chunk (lmkv) or per token (CacheGen)",
                              choices=("token", "channel"))
     value_scale_axis: str = _f("token", "values share one scale per token vector (CacheGen) or per channel",
                                choices=("token", "channel"))
