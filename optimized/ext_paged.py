@@ -27,7 +27,8 @@ def gather(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch
     if out is None:
         out = ref.new_chunk(kv_caches, slot_mapping, layout)
     torch.ops.lmkv.paged_gather(ref.layer_tensors(kv_caches, layout), slot_mapping, out, ref.LAYOUT_CODES[layout])
-    return out.narrow(2, 0, slot_mapping.shape[0])
+    num_tokens = slot_mapping.shape[0]
+    return out if out.shape[2] == num_tokens else out.narrow(2, 0, num_tokens)
 
 
 def scatter(chunk: torch.Tensor, kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch.Tensor, *,
