@@ -142,6 +142,8 @@ def generate(
     store: bool = True,
     store_generated: bool = False,
     blend: bool = False,
+    tokenizer: Any = None,
+    blend_separator: Any = None,
     **generate_kwargs: Any,
 ) -> GenerateOutput:
     """``model.generate`` with the longest stored prefix of the prompt reused from ``engine``.
@@ -153,7 +155,9 @@ def generate(
         reuse: look up and reuse stored KV (False: a plain cold generate, timed the same way).
         store: store the prompt's KV (new chunks only) after generating.
         store_generated: also store the answer's KV, so a next chat turn that repeats it hits.
-        blend: reuse non-prefix chunks with CacheBlend (see :mod:`lmkv.blending`).
+        blend: reuse non-prefix chunks with CacheBlend (see :mod:`lmkv.adapters.hf_blend`); the prompt's chunks
+            are separated by ``blend_separator`` (token ids) or ``config.blend.separator`` tokenized with
+            ``tokenizer``. Blended KV is approximate, so it is not stored under prefix keys.
         **generate_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample`` ...).
     Returns:
         :class:`GenerateOutput` with ``sequences [1, T + new]`` and :class:`GenerateStats`.
@@ -172,7 +176,8 @@ def generate(
     if reuse and blend:
         from lmkv.adapters.hf_blend import blended_cache
 
-        cache, hit, blend_stats = blended_cache(model, input_ids, engine=engine)
+        cache, hit, blend_stats = blended_cache(model, input_ids, engine=engine, tokenizer=tokenizer,
+                                                separator=blend_separator)
         stats.blend = blend_stats
     elif reuse:
         hit = min(engine.lookup(tokens), prompt_len - 1)  # keep >= 1 prompt token for the model to compute
@@ -208,7 +213,7 @@ def generate(
     sequences = out.sequences
     stats.new_tokens = sequences.shape[1] - prompt_len
 
-    if store:
+    if store and not blend:
         t_s = time.perf_counter()
         full = sequences[0].tolist()
         # The cache holds KV for every token fed to the model: the prompt and all but the last generated token.

@@ -1,0 +1,83 @@
+"""lmkv.hf.generate(blend=True): chunks found by segment keys in any order, prefilled once, blended."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmkv.hf
+from lmkv import config as lmkv_config
+from lmkv.engine import KVEngine
+from lmkv.models import tiny_model
+
+SEP = [1, 2]
+
+
+def _chunk(seed: int, n: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 256, (n,), generator=g).tolist()
+
+
+def _prompt(*parts: list[int]) -> torch.Tensor:
+    ids: list[int] = []
+    for p in parts[:-1]:
+        ids += p + SEP
+    return torch.tensor([ids + parts[-1]])
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    model = tiny_model("llama", seed=11)
+    cfg = lmkv_config.load({"chunk_size": 16, "disk": {"path": str(tmp_path / "d")}, "blend": {"ratio": 1.0}})
+    return model, KVEngine.for_model(model, cfg)
+
+
+def _plain(model, ids: torch.Tensor) -> torch.Tensor:
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+
+
+def test_blend_full_ratio_matches_full_prefill_in_any_order(setup) -> None:
+    model, engine = setup
+    a, b, c, q = _chunk(1, 20), _chunk(2, 13), _chunk(3, 17), _chunk(4, 6)
+    first = _prompt(a, b, q)
+    out1 = lmkv.hf.generate(model, first, engine=engine, blend=True, blend_separator=SEP, max_new_tokens=5)
+    assert out1.stats.blend["prefilled_chunk_tokens"] == 33 and out1.stats.hit_tokens == 0
+    assert torch.equal(out1.sequences, _plain(model, first))  # ratio 1.0 recomputes everything
+
+    second = _prompt(b, c, a, a, q)  # new order, a new chunk, a repeated chunk
+    out2 = lmkv.hf.generate(model, second, engine=engine, blend=True, blend_separator=SEP, max_new_tokens=5)
+    assert out2.stats.blend["reused_tokens"] == 13 + 20 + 20
+    assert out2.stats.blend["prefilled_chunk_tokens"] == 17
+    assert torch.equal(out2.sequences, _plain(model, second))
+    engine.close()
+
+
+def test_blend_low_ratio_recomputes_little_and_stays_close(setup) -> None:
+    model, engine = setup
+    a, b, q = _chunk(5, 24), _chunk(6, 24), _chunk(7, 4)
+    lmkv.hf.generate(model, _prompt(a, b, q), engine=engine, blend=True, blend_separator=SEP, max_new_tokens=1)
+    engine.config = lmkv_config.replace(engine.config, blend={"ratio": 0.15})
+    ids = _prompt(b, a, q)
+    out = lmkv.hf.generate(model, ids, engine=engine, blend=True, blend_separator=SEP, max_new_tokens=1)
+    assert out.stats.hit_tokens == 48
+    assert 0.0 < out.stats.blend["recompute_fraction"] < 0.6
+    engine.close()
+
+
+def test_blend_needs_a_separator(setup) -> None:
+    model, engine = setup
+    with pytest.raises(ValueError, match="separator"):
+        lmkv.hf.generate(model, _prompt(_chunk(1, 5), _chunk(2, 3)), engine=engine, blend=True)
+    engine.close()
+
+
+def test_blend_without_separator_in_prompt_is_a_plain_prefill(setup) -> None:
+    model, engine = setup
+    ids = torch.tensor([_chunk(9, 30)])
+    out = lmkv.hf.generate(model, ids, engine=engine, blend=True, blend_separator=SEP, max_new_tokens=4)
+    assert out.stats.blend["chunks"] == 0 and out.stats.hit_tokens == 0
+    assert torch.equal(out.sequences, model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                                     do_sample=False))
+    engine.close()
