@@ -345,6 +345,7 @@ def plot(summary: list[dict[str, Any]]) -> Any:
         ax.set_ylabel(f"{key} vs full prefill")
         if log:
             ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_ylim(bottom=0)
         ax.legend()
     names = [r["method"] for r in summary]
     axes[2].bar(names, [r["TTFT s"] for r in summary])
