@@ -1,15 +1,21 @@
-"""Chunk hashing through the C++ CPU extension (csrc/cpu/hashing.cpp, core in csrc/include/lmkv/hash_blake2s.h).
+"""Chunk hashing through the C++ CPU extension (csrc/cpu/hashing*.cpp, core in csrc/include/lmkv/hash_chunks.h).
 
-Limits: CPU only; inputs are the validated, normalised token arrays that ``lmkv.ops.hashing`` passes
-(1-D int32/uint32/int64 numpy arrays, values in [0, 2**32)). Sequences of mixed dtypes are widened to
-int64 so that one compiled path serves a whole batch. Segment splitting is vectorised numpy here; only the
-hashing is C++. Digests are identical to reference/hashing.py.
+Limits: CPU only, CPython only. The hot path bypasses the torch dispatcher: ``load_component("hashing")``
+builds one library holding both the ``torch.ops.lmkv.hashing_*`` operators and plain CPython functions
+(csrc/cpu/hashing_py.cpp), fetched once here through ``ctypes.PyDLL``. Those take a list/tuple of ints or a
+1-D integer numpy array as is (C reads list items and range-checks ids) and answer None for anything they do
+not handle, which sends the input through ``lmkv.ops.hashing.as_tokens`` (normalise, or raise the named
+error) and back. Leaves may use OpenMP threads (``LMKV_HASH_THREADS``, default 1), chains are sequential.
+Segment splitting is vectorised numpy here; only the hashing is C++. Digests equal reference/hashing.py.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,68 +25,83 @@ from lmkv.reference import hashing as ref
 load_component("hashing")
 
 
+def _load_api() -> dict[str, Any]:
+    libs = [p for p in torch.ops.loaded_libraries if Path(p).name.startswith("lmkv_hashing")]
+    if not libs:
+        raise ImportError("the lmkv_hashing library is not loaded (load_component('hashing') found no library)")
+    entry = ctypes.PyDLL(libs[-1]).lmkv_hashing_api
+    entry.restype = ctypes.py_object
+    return entry()
+
+
+_API = _load_api()
+_chunk_keys = _API["chunk_keys"]
+_batch_chunk_keys = _API["batch_chunk_keys"]
+_segment_keys = _API["segment_keys"]
+
+
 def unavailable_reason(device: str) -> str | None:
     # The build succeeded at import, so only the device matters; probing the compiler again on every call
     # (ext.unavailable_reason does a PATH lookup) would cost more than hashing a short prompt.
     return None if device == "cpu" else "the C++ hashing extension runs on CPU only"
 
-_ROOTS: dict[bytes, torch.Tensor] = {}
+
+_ROOTS: dict[bytes, bytes] = {}
+_THREADS: tuple[str | None, int] = (None, 1)
 
 
 def num_threads() -> int:
     """``LMKV_HASH_THREADS`` (default 1; 0 = OpenMP's default). One thread already hashes ~0.4 G tokens/s, and
     on a shared, oversubscribed machine a fork-join call can stall a whole time slice waiting for a worker."""
-    value = os.environ.get("LMKV_HASH_THREADS", "1")
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"LMKV_HASH_THREADS must be an integer, got {value!r}") from None
+    global _THREADS
+    value = os.environ.get("LMKV_HASH_THREADS")
+    if value != _THREADS[0]:
+        try:
+            _THREADS = (value, 1 if value is None else int(value))
+        except ValueError:
+            raise ValueError(f"LMKV_HASH_THREADS must be an integer, got {value!r}") from None
+    return _THREADS[1]
 
 
-def _root(salt: bytes) -> torch.Tensor:
+def root(salt: bytes) -> bytes:
     # Roots are tiny, but salts repeat (one per tenant or adapter), so cache a few.
-    root = _ROOTS.get(salt)
-    if root is None:
-        root = torch.frombuffer(bytearray(ref.root(salt)), dtype=torch.uint8)
+    r = _ROOTS.get(salt)
+    if r is None:
+        r = ref.root(salt)
         if len(_ROOTS) < 1024:
-            _ROOTS[salt] = root
-    return root
+            _ROOTS[salt] = r
+    return r
 
 
-def _tensor(tokens: np.ndarray) -> torch.Tensor:
-    if tokens.dtype == np.uint32:
-        tokens = tokens.view(np.int32)  # the kernel reads int32 as uint32 bit patterns
-    return torch.from_numpy(tokens)
+def _normalised(tokens: Any, name: str) -> np.ndarray:
+    from lmkv.ops.hashing import as_tokens  # raises the named TypeError/ValueError for bad input
+
+    return as_tokens(tokens, name)
 
 
-def _split(buf: bytes) -> list[bytes]:
-    return [buf[i : i + 16] for i in range(0, len(buf), 16)]
+def _handled(result: list | None, what: str) -> list:
+    if result is None:  # as_tokens accepted what C refused: a bug, never silently a wrong digest
+        raise RuntimeError(f"hashing extension refused normalised {what}")
+    return result
 
 
-def chunk_keys(
-    tokens: np.ndarray, *, chunk_size: int = 256, salt: bytes = b"", include_partial: bool = True
-) -> list[bytes]:
-    out = torch.ops.lmkv.hashing_chunk_keys([_tensor(tokens)], chunk_size, include_partial, _root(salt), num_threads())
-    return _split(out.numpy().tobytes())
+def chunk_keys(tokens: Any, *, chunk_size: int = 256, salt: bytes = b"", include_partial: bool = True) -> list[bytes]:
+    r, th = root(salt), num_threads()
+    out = _chunk_keys(tokens, chunk_size, include_partial, r, th)
+    if out is None:
+        out = _handled(_chunk_keys(_normalised(tokens, "tokens"), chunk_size, include_partial, r, th), "tokens")
+    return out
 
 
 def batch_chunk_keys(
-    sequences: Sequence[np.ndarray], *, chunk_size: int = 256, salt: bytes = b"", include_partial: bool = True
+    sequences: Sequence[Any], *, chunk_size: int = 256, salt: bytes = b"", include_partial: bool = True
 ) -> list[list[bytes]]:
-    if not sequences:
-        return []
-    tensors = [_tensor(s) for s in sequences]
-    if len({t.dtype for t in tensors}) > 1:
-        tensors = [torch.from_numpy(np.asarray(s, dtype=np.int64)) for s in sequences]
-    raw = torch.ops.lmkv.hashing_chunk_keys(tensors, chunk_size, include_partial, _root(salt), num_threads())
-    out = _split(raw.numpy().tobytes())
-    result: list[list[bytes]] = []
-    pos = 0
-    for s in sequences:
-        k = ref.num_chunks(len(s), chunk_size, include_partial)
-        result.append(out[pos : pos + k])
-        pos += k
-    return result
+    r, th = root(salt), num_threads()
+    out = _batch_chunk_keys(sequences, chunk_size, include_partial, r, th)
+    if out is None:
+        seqs = [_normalised(s, f"sequences[{i}]") for i, s in enumerate(sequences)]
+        out = _handled(_batch_chunk_keys(seqs, chunk_size, include_partial, r, th), "sequences")
+    return out
 
 
 def split_segments(tokens: np.ndarray, separator: np.ndarray) -> list[tuple[int, int]]:
@@ -107,11 +128,10 @@ def split_segments(tokens: np.ndarray, separator: np.ndarray) -> list[tuple[int,
 
 
 def segment_keys(tokens: np.ndarray, *, separator: np.ndarray, salt: bytes = b"") -> list[tuple[int, int, bytes]]:
-    spans = split_segments(tokens, separator)
+    tokens = _normalised(tokens, "tokens")
+    spans = split_segments(tokens, _normalised(separator, "separator"))
     if not spans:
         return []
-    starts = torch.tensor([s for s, _ in spans], dtype=torch.int64)
-    ends = torch.tensor([e for _, e in spans], dtype=torch.int64)
-    raw = torch.ops.lmkv.hashing_segment_keys(_tensor(tokens), starts, ends, _root(salt), num_threads())
-    out = _split(raw.numpy().tobytes())
+    flat = np.asarray(spans, dtype=np.int64).reshape(-1)
+    out = _handled(_segment_keys(tokens, flat, root(salt), num_threads()), "tokens")
     return [(s, e, d) for (s, e), d in zip(spans, out)]

@@ -99,21 +99,46 @@ def _check_bool(value: Any, name: str) -> bool:
     return bool(value)
 
 
+_TORCH_INTS = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+
+
+def _raw_tokens(tokens: Any, name: str) -> Any:
+    """The common containers pass through untouched, for a backend to read as they are (the ``ext`` backend
+    reads lists and int arrays in C); CPU int tensors become numpy views; anything else goes through
+    :func:`as_tokens`, which normalises it or raises the named error. Backends still call ``as_tokens`` on what
+    they cannot read directly, so every bad input raises the same error whichever backend runs."""
+    kind = type(tokens)
+    if kind is list or kind is tuple or kind is np.ndarray:
+        return tokens
+    if (kind is torch.Tensor and tokens.dtype in _TORCH_INTS and tokens.device.type == "cpu"
+            and not tokens.requires_grad):
+        return tokens.numpy()
+    return as_tokens(tokens, name)
+
+
+def _check_options(chunk_size: Any, salt: Any, include_partial: Any) -> dict[str, Any]:
+    if type(chunk_size) is not int or chunk_size <= 0:
+        chunk_size = _check_chunk_size(chunk_size)
+    if type(salt) is not bytes:
+        salt = _check_salt(salt)
+    if type(include_partial) is not bool:
+        include_partial = _check_bool(include_partial, "include_partial")
+    return dict(chunk_size=chunk_size, salt=salt, include_partial=include_partial)
+
+
 def _validate_chunk_keys(tokens: Any, *, chunk_size: Any = 256, salt: Any = b"", include_partial: Any = True):
-    kwargs = dict(chunk_size=_check_chunk_size(chunk_size), salt=_check_salt(salt),
-                  include_partial=_check_bool(include_partial, "include_partial"))
-    return (as_tokens(tokens),), kwargs
+    return (_raw_tokens(tokens, "tokens"),), _check_options(chunk_size, salt, include_partial)
 
 
 def _validate_batch(sequences: Any, *, chunk_size: Any = 256, salt: Any = b"", include_partial: Any = True):
-    if isinstance(sequences, (torch.Tensor, np.ndarray)) and sequences.ndim == 2:
+    if isinstance(sequences, torch.Tensor) and sequences.ndim == 2:
+        sequences = as_tokens(sequences.reshape(-1), "sequences").reshape(sequences.shape)
+    if isinstance(sequences, np.ndarray) and sequences.ndim == 2:
         sequences = list(sequences)
     if not isinstance(sequences, (list, tuple)):
         raise TypeError(f"sequences must be a list of token sequences, got {type(sequences).__name__}")
-    seqs = [as_tokens(s, f"sequences[{i}]") for i, s in enumerate(sequences)]
-    kwargs = dict(chunk_size=_check_chunk_size(chunk_size), salt=_check_salt(salt),
-                  include_partial=_check_bool(include_partial, "include_partial"))
-    return (seqs,), kwargs
+    seqs = [_raw_tokens(s, f"sequences[{i}]") for i, s in enumerate(sequences)]
+    return (seqs,), _check_options(chunk_size, salt, include_partial)
 
 
 def _validate_segments(tokens: Any, *, separator: Any, salt: Any = b""):
@@ -123,15 +148,26 @@ def _validate_segments(tokens: Any, *, separator: Any, salt: Any = b""):
     return (as_tokens(tokens),), dict(separator=sep, salt=_check_salt(salt))
 
 
+def _ref_chunk_keys(tokens: Any, **options: Any) -> list[bytes]:
+    return ref.chunk_keys(as_tokens(tokens), **options)
+
+
+def _ref_batch_chunk_keys(sequences: Sequence[Any], **options: Any) -> list[list[bytes]]:
+    return ref.batch_chunk_keys([as_tokens(s, f"sequences[{i}]") for i, s in enumerate(sequences)], **options)
+
+
+_ref_chunk_keys.__doc__ = ref.chunk_keys.__doc__
+_ref_batch_chunk_keys.__doc__ = ref.batch_chunk_keys.__doc__
+
 _EXT = "lmkv.optimized.ext_hashing"
 
 chunk_keys = register(Op(
-    "hashing.chunk_keys", ref.chunk_keys,
+    "hashing.chunk_keys", _ref_chunk_keys,
     Backend("ext", f"{_EXT}:chunk_keys", devices={"cpu"}, auto_devices={"cpu"}),
     validate=_validate_chunk_keys,
 ))
 batch_chunk_keys = register(Op(
-    "hashing.batch_chunk_keys", ref.batch_chunk_keys,
+    "hashing.batch_chunk_keys", _ref_batch_chunk_keys,
     Backend("ext", f"{_EXT}:batch_chunk_keys", devices={"cpu"}, auto_devices={"cpu"}),
     validate=_validate_batch,
 ))

@@ -49,6 +49,43 @@ static inline u32xW rotr8(u32xW x) { return rotrv(x, 8); }
     b = rotrv(b ^ c, 7);          \
   } while (0)
 
+// Message words of one block, transposed so that m[w] holds word w of every lane.
+#if defined(__GNUC__) && !defined(__clang__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && LMKV_HASH_LANES == 8
+#define LMKV_HASH_TRANSPOSE 1
+static inline u32xW load8(const uint32_t* p) {
+  u32xW v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+static inline u32xW load8(const uint64_t* p) {  // eight 64-bit ids (< 2**32) -> their low words
+  u32xW a, b;
+  std::memcpy(&a, p, sizeof(a));
+  std::memcpy(&b, p + 4, sizeof(b));
+  return __builtin_shuffle(a, b, u32xW{0, 2, 4, 6, 8, 10, 12, 14});
+}
+// 8x8 transpose of 32-bit words (unpack 32, unpack 64, swap 128-bit halves): r[l][w] -> m[w][l].
+static inline void transpose8(const u32xW r[8], u32xW* m) {
+  const u32xW lo32{0, 8, 1, 9, 4, 12, 5, 13}, hi32{2, 10, 3, 11, 6, 14, 7, 15};
+  const u32xW lo64{0, 1, 8, 9, 4, 5, 12, 13}, hi64{2, 3, 10, 11, 6, 7, 14, 15};
+  const u32xW lo128{0, 1, 2, 3, 8, 9, 10, 11}, hi128{4, 5, 6, 7, 12, 13, 14, 15};
+  u32xW t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = __builtin_shuffle(r[2 * i], r[2 * i + 1], lo32);
+    t[2 * i + 1] = __builtin_shuffle(r[2 * i], r[2 * i + 1], hi32);
+  }
+  for (int h = 0; h < 2; ++h) {  // lanes 0-3 (h = 0) and 4-7 (h = 1)
+    u[4 * h + 0] = __builtin_shuffle(t[4 * h + 0], t[4 * h + 2], lo64);  // words 0, 4
+    u[4 * h + 1] = __builtin_shuffle(t[4 * h + 0], t[4 * h + 2], hi64);  // words 1, 5
+    u[4 * h + 2] = __builtin_shuffle(t[4 * h + 1], t[4 * h + 3], lo64);  // words 2, 6
+    u[4 * h + 3] = __builtin_shuffle(t[4 * h + 1], t[4 * h + 3], hi64);  // words 3, 7
+  }
+  for (int w = 0; w < 4; ++w) {
+    m[w] = __builtin_shuffle(u[w], u[4 + w], lo128);
+    m[w + 4] = __builtin_shuffle(u[w], u[4 + w], hi128);
+  }
+}
+#endif
+
 // W leaves of n tokens each: lane l hashes ptrs[l][0 .. n) into out[l][0..4).
 template <typename T>
 void leaf_lanes(const T* const* ptrs, int64_t n, uint32_t (*out)[4]) {
@@ -63,10 +100,18 @@ void leaf_lanes(const T* const* ptrs, int64_t n, uint32_t (*out)[4]) {
     u32xW m[16];
     alignas(32) uint32_t lanes[W];
     if (base + 16 <= n) {  // every block but a partial last one: no bounds checks in the transpose
+#ifdef LMKV_HASH_TRANSPOSE
+      u32xW r[8];
+      for (int l = 0; l < W; ++l) r[l] = load8(ptrs[l] + base);
+      transpose8(r, m);
+      for (int l = 0; l < W; ++l) r[l] = load8(ptrs[l] + base + 8);
+      transpose8(r, m + 8);
+#else
       for (int w = 0; w < 16; ++w) {
         for (int l = 0; l < W; ++l) lanes[l] = static_cast<uint32_t>(ptrs[l][base + w]);
         std::memcpy(&m[w], lanes, sizeof(lanes));
       }
+#endif
     } else {
       for (int w = 0; w < 16; ++w) {
         const int64_t idx = base + w;
