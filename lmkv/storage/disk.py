@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import mmap
 import os
 import threading
-import uuid
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +64,9 @@ class DiskTier:
             raise ValueError(f"io_threads must be an int >= 1, got {io_threads!r}")
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._root = str(self.path)
+        self._subdirs: set[str] = set()
+        self._tmp_ids = itertools.count()
         self._capacity = capacity
         self._o_direct = bool(o_direct) and hasattr(os, "O_DIRECT")
         self._policy = make_policy(policy)
@@ -75,14 +78,27 @@ class DiskTier:
         self._idle = threading.Condition(self._lock)
         self._stats = TierStats()
         self._warn = WarnOnce()
-        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="lmkv-disk")
+        self._jobs: deque[_Job] = deque()
+        self._work = threading.Condition(self._lock)
         self._closed = False
         self._rebuild_index()
+        self._workers = [threading.Thread(target=self._worker, name=f"lmkv-disk-{i}", daemon=True)
+                         for i in range(io_threads)]
+        for w in self._workers:
+            w.start()
 
     # -- files ---------------------------------------------------------------------------------------
     def file_for(self, key: str) -> Path:
+        return Path(self._fname(key))
+
+    def _fname(self, key: str) -> str:
+        # plain strings: pathlib costs tens of microseconds per object on the hot path
         h = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
-        return self.path / h[:2] / f"{h}.obj"
+        sub = os.path.join(self._root, h[:2])
+        if sub not in self._subdirs:
+            os.makedirs(sub, exist_ok=True)
+            self._subdirs.add(sub)
+        return os.path.join(sub, h + ".obj")
 
     def _rebuild_index(self) -> None:
         found: list[tuple[float, str, int]] = []
@@ -114,11 +130,11 @@ class DiskTier:
 
     def _unlink(self, key: str) -> None:
         try:
-            self.file_for(key).unlink()
+            os.unlink(self._fname(key))
         except FileNotFoundError:
             pass
         except OSError as exc:  # pragma: no cover - permissions changed under us
-            self._warn("unlink", "disk tier: cannot remove %s: %s", self.file_for(key), exc)
+            self._warn("unlink", "disk tier: cannot remove %s: %s", self._fname(key), exc)
 
     def _drop_entry(self, key: str) -> None:
         size = self._index.pop(key)
@@ -174,7 +190,8 @@ class DiskTier:
             self._usage += size
             self._pending[key] = job
             self._inflight += 1
-        self._pool.submit(self._write, job)
+            self._jobs.append(job)
+            self._work.notify()
         return True
 
     def batched_put(self, items: Sequence[tuple[str, Encoded]]) -> None:
@@ -182,12 +199,11 @@ class DiskTier:
             self.put(key, obj)
 
     def _write(self, job: _Job) -> None:
-        final = self.file_for(job.key)
-        tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+        final = self._fname(job.key)
+        tmp = f"{final}.{os.getpid()}-{next(self._tmp_ids)}.tmp"
         published = False
         try:
             header = job.obj.header_bytes()  # computes the payload checksum once, off the caller's thread
-            final.parent.mkdir(exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 _write_all(fd, [header, job.obj.view()])
@@ -210,7 +226,10 @@ class DiskTier:
                 self._stats.errors += 1
         finally:
             if not published:
-                tmp.unlink(missing_ok=True)
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
             with self._lock:
                 if self._pending.get(job.key) is job:
                     del self._pending[job.key]
@@ -227,9 +246,25 @@ class DiskTier:
         if last:
             job.obj.release()
 
+    def _worker(self) -> None:
+        while True:
+            with self._lock:
+                self._work.wait_for(lambda: self._jobs or self._closed)
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
+            self._write(job)
+
     def flush(self, timeout: float | None = None) -> None:
-        with self._lock:
-            self._idle.wait_for(lambda: self._inflight == 0, timeout)
+        """Wait for every accepted write. The caller writes queued jobs itself rather than waiting for a
+        worker to wake up: a thread handoff costs milliseconds on a busy machine."""
+        while True:
+            with self._lock:
+                job = self._jobs.popleft() if self._jobs else None
+                if job is None:
+                    self._idle.wait_for(lambda: self._inflight == 0, timeout)
+                    return
+            self._write(job)
 
     # -- reads ---------------------------------------------------------------------------------------
     def contains(self, key: str) -> bool:
@@ -273,7 +308,7 @@ class DiskTier:
         return obj
 
     def _read(self, key: str, size: int) -> Encoded:
-        path = self.file_for(key)
+        path = self._fname(key)
         fd = -1
         if self._o_direct:
             try:
@@ -330,6 +365,9 @@ class DiskTier:
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
         self.flush()
-        self._pool.shutdown(wait=True)
+        with self._lock:
+            self._closed = True
+            self._work.notify_all()
+        for w in self._workers:
+            w.join(timeout=10)

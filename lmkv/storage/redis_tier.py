@@ -2,9 +2,9 @@
 
 Limits: capacity and eviction belong to the server (``maxmemory`` and its policy); ``capacity_bytes`` reports
 the server's ``maxmemory`` (0 = unlimited) and ``usage_bytes`` its ``used_memory``. Writes go through one
-background thread, in order with removals, pipelined in batches; a value is sent as ``MULTI; SET k header;
-APPEND k payload; EXEC`` so the large payload is never concatenated in Python and no reader can see half an
-object. Values larger than 512 MiB (Redis' default bulk limit) are dropped.
+background thread (or the caller of ``flush``), in order with removals, pipelined in batches; each object is
+one ``SET`` whose bulk value is sent as header buffer + payload buffer, so the payload is never concatenated
+in Python and no reader can see half an object. Values larger than 512 MiB (Redis' default bulk limit) are dropped.
 
 Failures never reach the caller: when the server is unreachable or slower than ``socket_timeout`` the tier logs
 once, reads become misses and writes are dropped, and the connection is retried after ``retry_backoff`` seconds
@@ -15,9 +15,9 @@ validation is a miss with a warning and is deleted.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,7 +68,10 @@ class RedisTier:
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._pending: dict[str, _Op] = {}
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._ops: deque[_Op] = deque()  # mutations in order; popped and sent under _send_lock
+        self._send_lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._stopping = False
         self._inflight = 0
         self._stats = TierStats()
         self._warn = WarnOnce()
@@ -133,7 +136,8 @@ class RedisTier:
             op = _Op(key, obj, size)
             self._pending[key] = op
             self._inflight += 1
-        self._queue.put(op)
+            self._ops.append(op)
+            self._work.notify()
         return True
 
     def batched_put(self, items: Sequence[tuple[str, Encoded]]) -> None:
@@ -149,26 +153,31 @@ class RedisTier:
         with self._lock:
             self._pending[key] = op
             self._inflight += 1
-        self._queue.put(op)
+            self._ops.append(op)
+            self._work.notify()
         return found
+
+    def _take_batch(self) -> list[_Op]:
+        """Pop the next batch (caller holds _send_lock, so batches are sent in the order they were queued)."""
+        with self._lock:
+            batch: list[_Op] = []
+            nbytes = 0
+            while self._ops and len(batch) < _BATCH_OPS and nbytes < _BATCH_BYTES:
+                op = self._ops.popleft()
+                batch.append(op)
+                nbytes += op.size
+            return batch
 
     def _writer_loop(self) -> None:
         while True:
-            op = self._queue.get()
-            if op is None:
-                return
-            batch, nbytes = [op], op.size
-            while len(batch) < _BATCH_OPS and nbytes < _BATCH_BYTES:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # stop after this batch
-                    break
-                batch.append(nxt)
-                nbytes += nxt.size
-            self._send(batch)
+            with self._lock:
+                self._work.wait_for(lambda: self._ops or self._stopping)
+                if not self._ops:
+                    return
+            with self._send_lock:
+                batch = self._take_batch()
+                if batch:
+                    self._send(batch)
 
     def _send(self, batch: list[_Op]) -> None:
         sent: list[_Op] = []
@@ -176,17 +185,7 @@ class RedisTier:
             with self._lock:
                 live = [op for op in batch if self._pending.get(op.key) is op or op.obj is None]
             if live and self.available():
-                # One MULTI/EXEC per batch: SET header + APPEND payload become one atomic value without
-                # joining header and payload in Python, and the batch costs one round trip.
-                pipe = self.client.pipeline(transaction=True)
-                for op in live:
-                    rkey = self._rkey(op.key)
-                    if op.obj is None:
-                        pipe.delete(rkey)
-                    else:
-                        pipe.set(rkey, op.obj.header_bytes())
-                        pipe.append(rkey, op.obj.view())
-                pipe.execute()
+                self._send_packed(live)
                 self._ok()
                 sent = live
         except self._errors as exc:
@@ -211,6 +210,36 @@ class RedisTier:
             for op in batch:
                 self._op_release(op)
 
+    def _send_packed(self, ops: list[_Op]) -> None:
+        """One pipelined round trip of SET/DEL commands, packed by hand so that each value is ONE bulk string
+        (header then payload, sent as separate buffers): no concatenation in Python, and Redis keeps a large
+        bulk argument as the value without copying it (an APPEND would copy it server-side)."""
+        parts: list[Any] = []
+        small = b""
+        for op in ops:
+            rkey = self._rkey(op.key).encode()
+            if op.obj is None:
+                small += b"*2\r\n$3\r\nDEL\r\n$%d\r\n%s\r\n" % (len(rkey), rkey)
+                continue
+            header = op.obj.header_bytes()
+            payload = op.obj.view()
+            small += b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(rkey), rkey, len(header) + len(payload))
+            parts += [small + header, payload]
+            small = b"\r\n"
+        if small:
+            parts.append(small)
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(parts)
+            for _ in ops:
+                conn.read_response()  # raises on an error reply
+        except BaseException:
+            conn.disconnect()  # unread replies would poison the next user of this connection
+            raise
+        finally:
+            pool.release(conn)
+
     def _op_release(self, op: _Op) -> None:
         with self._lock:
             op.refs -= 1
@@ -219,8 +248,25 @@ class RedisTier:
             op.obj.release()
 
     def flush(self, timeout: float | None = None) -> None:
-        with self._lock:
-            self._idle.wait_for(lambda: self._inflight == 0, timeout)
+        """Wait for every queued write/removal. The caller sends queued batches itself rather than waiting
+        for the writer thread to wake up (a handoff costs milliseconds on a busy machine)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            if not self._send_lock.acquire(timeout=-1 if left is None else left):
+                return
+            try:
+                batch = self._take_batch()
+                if batch:
+                    self._send(batch)
+            finally:
+                self._send_lock.release()
+            if not batch:
+                with self._lock:
+                    self._idle.wait_for(lambda: self._inflight == 0, left)
+                return
 
     # -- reads ---------------------------------------------------------------------------------------
     def _pending_lookup(self, key: str) -> tuple[bool, Encoded | None]:
@@ -332,7 +378,9 @@ class RedisTier:
                 return
             self._closed = True
         self.flush(timeout=max(5.0, 4 * self._timeout))
-        self._queue.put(None)
+        with self._lock:
+            self._stopping = True
+            self._work.notify_all()
         self._writer.join(timeout=5.0)
         try:
             self.client.close()
