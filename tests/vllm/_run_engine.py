@@ -5,8 +5,9 @@
 PLAN keys: ``model`` (dir), ``lmkv`` (None for a plain engine without connector, else the
 ``kv_connector_extra_config`` dict), ``prompts`` ({name: token ids}), ``steps`` (list of actions, run in order):
 
-    {"do": "generate", "names": [...]}           greedy texts -> OUT["texts"][name]
-    {"do": "abort", "name": n, "steps": k}       add n, run k engine steps (a partial prefill), abort it
+    {"do": "generate", "names": [...], "tag": t}  greedy texts -> OUT["texts"]["t:name"] (tag optional)
+    {"do": "abort", "name": n}                    add n, abort it as soon as the connector has looked it up (so
+                                                  the abort lands in its chunked prefill, not before it)
     {"do": "corrupt", "dir": d}                  flip bytes in the payload of every stored object under d
 
 vLLM spawns processes, hence the ``__main__`` guard (and no pytest in here).
@@ -31,6 +32,18 @@ def corrupt_objects(root: str) -> int:
         path.write_bytes(bytes(data))
         n += 1
     return n
+
+
+def _wait_for_lookup(events_path: str, prompt_len: int, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if events_path and Path(events_path).exists():
+            for line in Path(events_path).read_text().splitlines():
+                row = json.loads(line)
+                if row.get("event") == "lookup" and row.get("prompt") == prompt_len:
+                    return
+        time.sleep(0.01)
+    raise TimeoutError(f"no lookup of a {prompt_len}-token prompt in {events_path!r} after {timeout} s")
 
 
 def main(plan_path: str, out_path: str) -> None:
@@ -60,17 +73,18 @@ def main(plan_path: str, out_path: str) -> None:
     prompts = plan["prompts"]
     for step in plan["steps"]:
         if step["do"] == "generate":
-            names = step["names"]
-            for name in names:  # one at a time: each request's lookup sees what the previous one stored
+            tag = step.get("tag", "")
+            for name in step["names"]:  # one at a time: each request's lookup sees what the previous one stored
                 res = llm.generate([{"prompt_token_ids": prompts[name]}], sp, use_tqdm=False)[0]
-                out["texts"][name] = res.outputs[0].text
-                out["cached"][name] = getattr(res, "num_cached_tokens", None)
+                out["texts"][f"{tag}:{name}"] = res.outputs[0].text
+                out["cached"][f"{tag}:{name}"] = getattr(res, "num_cached_tokens", None)
         elif step["do"] == "abort":
             engine = llm.llm_engine
             rid = f"abort-{step['name']}"
             engine.add_request(rid, {"prompt_token_ids": prompts[step["name"]]}, sp)
-            for _ in range(step.get("steps", 1)):
-                engine.step()
+            # EngineCore runs its own loop in another process (step() would block until the first token), so
+            # the abort is timed by the scheduler connector's lookup event for this prompt.
+            _wait_for_lookup(plan["lmkv"].get("events_path", ""), len(prompts[step["name"]]))
             engine.abort_request([rid])
             while engine.has_unfinished_requests():
                 engine.step()

@@ -33,18 +33,24 @@ CHUNK = 64
 BLOCK = 32
 
 FACTS = (
-    "Here are some facts. The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy "
-    "is Rome. The capital of Spain is Madrid. The capital of Portugal is Lisbon. The capital of Austria is Vienna. "
-    "The capital of Poland is Warsaw. The capital of Greece is Athens. The capital of Norway is Oslo. The capital "
-    "of Sweden is Stockholm. The capital of Finland is Helsinki. The capital of Ireland is Dublin. The capital of "
-    "Hungary is Budapest. The capital of Denmark is Copenhagen."
+    "Here are some facts. The capital of France is Paris. The capital of Sweden is Stockholm. The capital of "
+    "Germany is Berlin. The capital of Italy is Rome. The capital of Spain is Madrid. The capital of Portugal is "
+    "Lisbon. The capital of Austria is Vienna. The capital of Poland is Warsaw. The capital of Greece is Athens. "
+    "The capital of Norway is Oslo. The capital of Finland is Helsinki. The capital of Ireland is Dublin. The "
+    "capital of Hungary is Budapest. The capital of Denmark is Copenhagen. The capital of Belgium is Brussels. "
+    "The capital of Romania is Bucharest. The capital of Bulgaria is Sofia. The capital of Croatia is Zagreb. "
 )
-QUESTION = " Question: what is the capital of Sweden? Answer:"
-EXTENSION = (" The longest river in Europe is the Volga. The highest mountain in the Alps is Mont Blanc."
-             " Question: what is the highest mountain in the Alps? Answer:")
-OTHER = " Question: which city is the capital of Norway? Answer:"
-ABORT_TEXT = ("A recipe for bread: mix flour, water, salt and yeast; knead the dough for ten minutes; let it rise "
-              "for an hour; shape it; let it rise again; bake it in a hot oven until the crust is brown. ") * 3
+QUESTION = " Question: what is the capital of Sweden?"
+MORE = ("Thank you. Here is more. The longest river in Europe is the Volga. The highest mountain in the Alps is "
+        "Mont Blanc. The largest lake in Europe is Ladoga. The largest island in the Mediterranean is Sicily. "
+        "The largest desert in the world is the Sahara, and the deepest lake is Baikal. ")
+MORE_Q = " Question: what is the highest mountain in the Alps?"
+OTHER = ("The capital of Japan is Tokyo. The capital of Kenya is Nairobi. The capital of Peru is Lima. The capital "
+         "of Chile is Santiago. The capital of Canada is Ottawa. The capital of Egypt is Cairo. ")
+OTHER_Q = " Question: what is the capital of Kenya?"
+RECIPE = ("A recipe for bread: mix flour, water, salt and yeast; knead the dough for ten minutes; let it rise for "
+          "an hour; shape it; let it rise again; bake it in a hot oven until the crust is brown. ") * 12
+RECIPE_Q = " Question: how long is the dough kneaded?"
 
 
 def _model_dir() -> str:
@@ -68,19 +74,32 @@ def _strip_gguf_quantization(path: Path) -> None:
         os.replace(tmp, cfg_path)
 
 
+def _exact(enc, head: str, tail: str, n: int) -> list[int]:
+    """``head`` cut to length, then ``tail``: exactly ``n`` tokens."""
+    h, t = enc(head), enc(tail)
+    if len(h) + len(t) < n:
+        raise ValueError(f"not enough text for {n} tokens")
+    return h[: n - len(t)] + t
+
+
 def _prompts(model_dir: str) -> dict[str, list[int]]:
+    """Chat prompts of 64k+1 tokens, so that cold chunked prefill (64-token steps), a full hit (64k loaded + the
+    last token computed) and prefix hits (whole chunks loaded, the rest computed in 64-token steps from a chunk
+    boundary) split the computation alike and greedy texts can be compared exactly."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    base = enc(FACTS + QUESTION)
-    cut = 100  # inside the second chunk: the partial prompt shares one full chunk (64 tokens) with base
-    return {
-        "base": base,
-        "extended": base + enc(EXTENSION),
-        "partial": base[:cut] + enc(OTHER),
-        "abortme": enc(ABORT_TEXT),
-    }
+    chat = tok.apply_chat_template([{"role": "user", "content": "@@"}], tokenize=False, add_generation_prompt=True)
+    head, tail = chat.split("@@")
+    turn = "<|im_end|>\n<|im_start|>user\n"
+    base = enc(head) + _exact(enc, FACTS, QUESTION + tail, 2 * CHUNK + 1 - len(enc(head)))
+    extended = base + _exact(enc, "The capital of Sweden is Stockholm." + turn + MORE, MORE_Q + tail, CHUNK)
+    partial = base[:100] + _exact(enc, OTHER, OTHER_Q + tail, 2 * CHUNK + 1 - 100)
+    abortme = enc(head) + _exact(enc, RECIPE, RECIPE_Q + tail, 7 * CHUNK + 1 - len(enc(head)))
+    out = {"base": base, "extended": extended, "partial": partial, "abortme": abortme}
+    assert all(len(v) % CHUNK == 1 for v in out.values()), {k: len(v) for k, v in out.items()}
+    return out
 
 
 def _run(plan: dict[str, Any], workdir: Path, name: str) -> dict[str, Any]:
@@ -112,8 +131,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model = _model_dir()
     prompts = _prompts(model)
     disk = work / "disk"
-    common = {"model": model, "prompts": prompts, "max_model_len": 512, "block_size": BLOCK, "max_tokens": 12,
-              "max_num_batched_tokens": 64}
+    common = {"model": model, "prompts": prompts, "max_model_len": 512, "block_size": BLOCK, "max_tokens": 10,
+              "max_num_batched_tokens": CHUNK}
     plain = _run({**common, "lmkv": None, "steps": [
         {"do": "generate", "names": ["base", "extended", "partial", "abortme"]}]}, work, "plain")
     store_events = work / "store.events.jsonl"
@@ -121,8 +140,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "chunk_size": CHUNK, "disk": {"path": str(disk)}, "memory": {"capacity": "256MiB"},
         "events_path": str(store_events)}, "steps": [
         {"do": "generate", "names": ["base"]},
-        {"do": "abort", "name": "abortme", "steps": 2},
-        {"do": "generate", "names": ["base"]},
+        {"do": "abort", "name": "abortme"},
+        {"do": "generate", "names": ["base"], "tag": "again"},
     ]}, work, "store")
     load_events = work / "load.events.jsonl"
     load = _run({**common, "lmkv": {
@@ -130,7 +149,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "events_path": str(load_events)}, "steps": [
         {"do": "generate", "names": ["base", "extended", "partial"]},
         {"do": "corrupt", "dir": str(disk)},
-        {"do": "generate", "names": ["base"]},
+        {"do": "generate", "names": ["base"], "tag": "corrupt"},
         {"do": "generate", "names": ["abortme"]},
     ]}, work, "load")
     return {"prompts": prompts, "plain": plain, "store": store, "load": load,
@@ -155,58 +174,61 @@ def test_roles_run_in_separate_processes_and_layout_is_detected(runs: dict[str, 
 
 
 def test_first_engine_stores_and_hits_itself(runs: dict[str, Any]) -> None:
-    plain, store, ev = runs["plain"], runs["store"], runs["store_events"]
-    base_len = len(runs["prompts"]["base"])
-    assert store["texts"]["base"] == plain["texts"]["base"], "a run through the connector changed the output"
+    plain, store, ev = runs["plain"]["texts"], runs["store"]["texts"], runs["store_events"]
+    n = len(runs["prompts"]["base"])
+    assert store[":base"] == plain[":base"], "a run through the connector (a miss, then a save) changed the output"
     saves = [e for e in _by(ev, "save") if not e["req"].startswith("abort-")]
-    assert saves and saves[0]["tokens"] == base_len and saves[0]["stored"] == base_len
-    # The second run of the same prompt, same engine (vLLM's prefix cache off): all but the last token loaded.
-    hit = _loads(ev)
-    assert len(hit) == 1 and hit[0]["skip"] == 0 and hit[0]["end"] == base_len - 1
-    assert hit[0]["loaded"] == base_len - 1 and hit[0]["failed_blocks"] == 0
+    assert len(saves) == 1 and saves[0]["tokens"] == n and saves[0]["stored"] == n
+    # The same prompt again, same engine (vLLM's prefix cache off): everything but the last token loaded, from RAM.
+    (hit,) = [e for e in _loads(ev) if not e["req"].startswith("abort-")]
+    assert (hit["skip"], hit["end"], hit["loaded"], hit["failed_blocks"]) == (0, n - 1, n - 1, 0)
+    assert store["again:base"] == plain[":base"]
 
 
 def test_new_engine_hits_same_extended_and_partial_prompts(runs: dict[str, Any]) -> None:
-    plain, load, ev, prompts = runs["plain"], runs["load"], runs["load_events"], runs["prompts"]
+    plain, load, ev, prompts = runs["plain"]["texts"], runs["load"]["texts"], runs["load_events"], runs["prompts"]
     for name in ("base", "extended", "partial"):
-        assert load["texts"][name] == plain["texts"][name], f"{name}: output differs from vLLM without lmkv"
-    lookups = {e["req"]: e for e in _by(ev, "lookup")}
-    loads = _loads(ev)
-    assert len(loads) >= 3
-    base_len, ext_len = len(prompts["base"]), len(prompts["extended"])
-    base_load, ext_load, part_load = loads[0], loads[1], loads[2]
+        assert load[f":{name}"] == plain[f":{name}"], f"{name}: output differs from vLLM without lmkv"
+    base_load, ext_load, part_load = _loads(ev)[:3]
+    n = len(prompts["base"])
     # same prompt: everything but the last token
-    assert (base_load["end"], base_load["loaded"], base_load["failed_blocks"]) == (base_len - 1, base_len - 1, 0)
-    # extension: the stored chunks of base (its full chunks; base's partial tail chunk is keyed by base's end)
-    assert ext_load["loaded"] == (base_len // CHUNK) * CHUNK and ext_load["failed_blocks"] == 0
-    assert ext_load["end"] < ext_len - 1
+    assert (base_load["end"], base_load["loaded"], base_load["failed_blocks"]) == (n - 1, n - 1, 0)
+    # extension: base's full chunks (base's last, one-token chunk is keyed as base's end, not the extension's)
+    assert (ext_load["end"], ext_load["loaded"], ext_load["failed_blocks"]) == (2 * CHUNK, 2 * CHUNK, 0)
     # partial prefix: the one full chunk the prompts share
-    assert part_load["loaded"] == CHUNK and part_load["failed_blocks"] == 0
-    assert all(e["external"] >= 0 for e in lookups.values())
+    assert (part_load["end"], part_load["loaded"], part_load["failed_blocks"]) == (CHUNK, CHUNK, 0)
+    # the extension stored its new chunks
+    ext_save = [e for e in _by(ev, "save") if e["tokens"] == len(prompts["extended"])]
+    assert ext_save and ext_save[0]["start"] == 2 * CHUNK and ext_save[0]["stored"] == CHUNK
 
 
 def test_corrupt_objects_are_recomputed_not_served(runs: dict[str, Any]) -> None:
-    plain, load, ev = runs["plain"], runs["load"], runs["load_events"]
+    plain, load, ev = runs["plain"]["texts"], runs["load"], runs["load_events"]
     assert load["corrupted"] > 0
-    # The run after corruption (4th load event): lookup promised tokens, the worker failed them, vLLM recomputed.
-    after = _loads(ev)[3:]
-    assert after and after[0]["failed_blocks"] > 0 and after[0]["loaded"] < after[0]["end"] - after[0]["skip"]
-    assert load["texts"]["base"] == plain["texts"]["base"]
+    # After corruption the scheduler still sees the files and plans a load; the worker's reads fail their
+    # checksums, it reports the blocks, and vLLM recomputes them.
+    after = _loads(ev)[3]
+    assert after["end"] == len(runs["prompts"]["base"]) - 1
+    assert after["loaded"] == 0 and after["failed_blocks"] == after["end"] // BLOCK + 1
+    assert load["texts"]["corrupt:base"] == plain[":base"]
 
 
 def test_abort_leaves_nothing_behind(runs: dict[str, Any]) -> None:
-    plain, store, load = runs["plain"], runs["store"], runs["load"]
+    plain, store, load = runs["plain"]["texts"], runs["store"], runs["load"]["texts"]
     sev, lev = runs["store_events"], runs["load_events"]
     (rid,) = store["aborted"]
-    # aborted mid-prefill: never saved, and the scheduler dropped its state
-    assert not _by(sev, "save", req=rid)
-    fin = _by(sev, "finished", req=rid)
-    assert len(fin) == 1 and fin[0]["tracked"] == 0 and fin[0]["lookups_pending"] == 0
-    # every request the schedulers saw is finished and untracked at the end
-    for ev in (sev, lev):
-        last = [e for e in ev if e["event"] == "finished"][-1]
+    n = len(runs["prompts"]["abortme"])
+    (fin,) = [e for e in _by(sev, "finished") if e["req"].startswith(rid)]
+    assert fin["tracked"] == 0 and fin["lookups_pending"] == 0, "the scheduler kept state of an aborted request"
+    saves = [e for e in _by(sev, "save") if e["req"].startswith(rid)]
+    # Aborted during its 7-step chunked prefill: never saved. (Had vLLM finished the prefill before the abort
+    # arrived, the save would be the complete prompt: never a part.)
+    assert all(e["stored"] == n for e in saves)
+    for ev in (sev, lev):  # every request the schedulers saw is finished and untracked at the end
+        last = _by(ev, "finished")[-1]
         assert last["tracked"] == 0 and last["lookups_pending"] == 0
-    # the new engine found nothing stored for the aborted prompt, and computes it like plain vLLM
-    (look,) = [e for e in _by(lev, "lookup") if e["prompt"] == len(runs["prompts"]["abortme"])]
-    assert look["extent"] == 0
-    assert load["texts"]["abortme"] == plain["texts"]["abortme"]
+    (look,) = [e for e in _by(lev, "lookup") if e["prompt"] == n]
+    if not saves:
+        assert look["extent"] == 0, "something of the aborted request was stored"
+    assert load[":abortme"] == plain[":abortme"]
+    assert not saves, "the abort landed after the prefill had finished: the test did not exercise a mid-prefill abort"
