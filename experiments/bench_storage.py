@@ -7,7 +7,8 @@ bytes:
 * memory: ``MemoryTier`` put / get-into-a-preallocated-tensor vs ``copy_`` into a preallocated buffer;
 * disk: ``DiskTier`` put + flush / get vs a plain ``open().write()`` / ``open().read()`` of the same bytes in the
   same directory (both buffered, no fsync). Reads are measured twice: from a warm page cache, and cold (each
-  file fsynced and evicted with ``posix_fadvise(DONTNEED)`` before every timed read, on both sides);
+  file fsynced and evicted with ``posix_fadvise(DONTNEED)`` before every timed read, on both sides): ops
+  ``get-warm`` and ``get-cold``;
 * redis: ``RedisTier`` put + flush / get vs plain redis-py ``SET`` / ``GET`` on the same server.
 
 Disk and Redis puts are asynchronous, so a put round is ``--batch`` puts (default: 32 MiB worth, i.e. 16 x
@@ -170,7 +171,7 @@ def bench_disk(kv: torch.Tensor, repeats: int, root: Path, batch: int) -> dict[s
     cold = alternate_prepared({"lmkv": (lambda: _drop_cache(tier.file_for("k0")), lmkv_get),
                                "baseline": (lambda: _drop_cache(plain), plain_get)}, repeats=repeats)
     tier.close()
-    return {"put": put, "get (page cache)": warm, "get (cold, fadvise)": cold}
+    return {"put": put, "get-warm": warm, "get-cold": cold}
 
 
 def bench_redis(kv: torch.Tensor, repeats: int, url: str, batch: int) -> dict[str, dict[str, list[float]]]:
@@ -262,7 +263,7 @@ def plot(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['tier']}\n{r['op']}\n{r['size_mib']:g}MiB" for r in rows]
+    labels = [f"{r['tier']}\n{r['op']}\n{r['size_mib']:g} MiB" for r in rows]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, len(rows) * 0.8), 7))
     x = range(len(rows))
     ax1.bar([i - 0.2 for i in x], [r["baseline_gbps"] for r in rows], 0.4, label="raw baseline")
