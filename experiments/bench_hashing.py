@@ -2,10 +2,11 @@
 
 LMCache keys chunk i as ``h_i = hash((h_{i-1}, tuple(chunk_i), None))`` with Python's builtin ``hash()``
 (64-bit, process-dependent) or, optionally, ``sha256(cbor((h_{i-1}, tuple(chunk_i), None)))``. Both are
-implemented here from that description (canonical CBOR written out below: no cbor2 dependency). The
-LMCache schemes get their best case, tokens already in a Python list; a second builtin-hash row starts
-from a tensor, as LMCache does (``tokens[i:j].tolist()`` per chunk). lmkv is timed from a tensor and from
-a list (whose conversion alone costs ~8 ns per token). All candidates alternate, medians are reported.
+implemented here from that description (canonical CBOR written out below: no cbor2 dependency). Every scheme
+is timed from the same input type and compared within it: a Python list, and a torch tensor (what LMCache
+receives from vLLM; LMCache itself calls ``tolist()`` per chunk, and a stronger variant with one ``tolist()``
+is the baseline for the tensor ratios). Candidates alternate; each sample times enough calls for ~2 ms, and
+both the CPU time of this process (robust on a loaded machine; the ratios use it) and wall time are reported.
 
     .venv/bin/python -m experiments.bench_hashing [--small] [--threads N]
 """
@@ -16,11 +17,13 @@ import argparse
 import hashlib
 import os
 import struct
+import time
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 
-from experiments._common import alternate, median, print_table, save_plot, small, write_rows
+from experiments._common import median, print_table, save_plot, small, write_rows
 from lmkv.ops import hashing as H
 
 CHUNK = 256
@@ -81,32 +84,81 @@ def _check_cbor() -> None:
 
 
 # -- the experiment ----------------------------------------------------------------------------------------
-def candidates(seqs: list[torch.Tensor]) -> dict[str, callable]:
+def lmcache_builtin_tensor_once(tokens: torch.Tensor) -> list[int]:
+    return lmcache_builtin(tokens.tolist())
+
+
+def lmcache_sha256_tensor(tokens: torch.Tensor) -> list[bytes]:
+    return lmcache_sha256_cbor(tokens.tolist())
+
+
+def _with_threads(fn: Callable[[], object], threads: int) -> Callable[[], object]:
+    def run() -> object:
+        old = os.environ.get("LMKV_HASH_THREADS")
+        os.environ["LMKV_HASH_THREADS"] = str(threads)
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("LMKV_HASH_THREADS", None)
+            else:
+                os.environ["LMKV_HASH_THREADS"] = old
+    return run
+
+
+# (input, scheme) -> call; the first LMCache builtin/sha256 row of an input type is that type's baseline.
+def candidates(seqs: list[torch.Tensor], threads: int | None) -> dict[tuple[str, str], Callable[[], object]]:
     lists = [s.tolist() for s in seqs]
     one = len(seqs) == 1
-    ext = (lambda: H.chunk_keys(seqs[0], chunk_size=CHUNK, backend="ext")) if one else (
-        lambda: H.batch_chunk_keys(seqs, chunk_size=CHUNK, backend="ext"))
-    ext_list = (lambda: H.chunk_keys(lists[0], chunk_size=CHUNK, backend="ext")) if one else (
-        lambda: H.batch_chunk_keys(lists, chunk_size=CHUNK, backend="ext"))
-    ref = (lambda: H.chunk_keys(seqs[0], chunk_size=CHUNK, backend="reference")) if one else (
-        lambda: H.batch_chunk_keys(seqs, chunk_size=CHUNK, backend="reference"))
-    return {
-        "lmkv ext (tensor)": ext,
-        "lmkv ext (list)": ext_list,
-        "lmkv reference (tensor)": ref,
-        "LMCache builtin hash (list)": lambda: [lmcache_builtin(x) for x in lists],
-        "LMCache builtin hash (tensor)": lambda: [lmcache_builtin_tensor(x) for x in seqs],
-        "LMCache sha256+CBOR (list)": lambda: [lmcache_sha256_cbor(x) for x in lists],
+
+    def lmkv(data: list, backend: str) -> Callable[[], object]:
+        if one:
+            return lambda: H.chunk_keys(data[0], chunk_size=CHUNK, backend=backend)
+        return lambda: H.batch_chunk_keys(data, chunk_size=CHUNK, backend=backend)
+
+    out = {
+        ("tensor", "lmkv ext"): lmkv(seqs, "ext"),
+        ("tensor", "LMCache builtin hash (one tolist)"): lambda: [lmcache_builtin_tensor_once(x) for x in seqs],
+        ("tensor", "LMCache builtin hash (tolist per chunk)"): lambda: [lmcache_builtin_tensor(x) for x in seqs],
+        ("tensor", "LMCache sha256+CBOR (one tolist)"): lambda: [lmcache_sha256_tensor(x) for x in seqs],
+        ("tensor", "lmkv reference"): lmkv(seqs, "reference"),
+        ("list", "lmkv ext"): lmkv(lists, "ext"),
+        ("list", "LMCache builtin hash"): lambda: [lmcache_builtin(x) for x in lists],
+        ("list", "LMCache sha256+CBOR"): lambda: [lmcache_sha256_cbor(x) for x in lists],
     }
+    if threads and threads != 1:
+        out[("tensor", f"lmkv ext, {threads} threads")] = _with_threads(out[("tensor", "lmkv ext")], threads)
+        out[("list", f"lmkv ext, {threads} threads")] = _with_threads(out[("list", "lmkv ext")], threads)
+    return out
+
+
+def alternate_cpu(cands: dict, *, repeats: int, target_s: float = 2e-3) -> dict:
+    """Interleaved samples of (cpu_s, wall_s) per call; each sample loops enough calls to last ~target_s."""
+    loops = {}
+    for name, fn in cands.items():  # warm-up and calibration
+        t0 = time.perf_counter()
+        fn()
+        loops[name] = max(1, min(1000, int(target_s / max(time.perf_counter() - t0, 1e-7))))
+    samples: dict = {name: [] for name in cands}
+    for _ in range(repeats):
+        for name, fn in cands.items():
+            k = loops[name]
+            c0, w0 = time.process_time(), time.perf_counter()
+            for _ in range(k):
+                fn()
+            samples[name].append(((time.process_time() - c0) / k, (time.perf_counter() - w0) / k))
+    return samples
+
+
+def _meets(ratio: float, target: float) -> str:
+    return "yes" if ratio >= target else "no"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="test sizes")
-    parser.add_argument("--threads", type=int, default=None, help="LMKV_HASH_THREADS for the ext backend")
+    parser.add_argument("--threads", type=int, default=2, help="extra lmkv rows with LMKV_HASH_THREADS=N (1: none)")
     args = parser.parse_args()
-    if args.threads is not None:
-        os.environ["LMKV_HASH_THREADS"] = str(args.threads)
     is_small = args.small or small()
     _check_cbor()
     gen = torch.Generator().manual_seed(0)
@@ -115,37 +167,52 @@ def main() -> None:
     rows = []
     for batch, n in tqdm(cases, desc="bench_hashing"):
         seqs = [torch.randint(0, 49152, (n,), generator=gen) for _ in range(batch)]
-        # The two lmkv backends must agree before anything is timed.
-        assert H.batch_chunk_keys(seqs, backend="ext") == H.batch_chunk_keys(seqs, backend="reference")
+        # The lmkv backends must agree before anything is timed, from both input types.
+        want = H.batch_chunk_keys(seqs, chunk_size=CHUNK, backend="reference")
+        assert H.batch_chunk_keys(seqs, chunk_size=CHUNK, backend="ext") == want
+        assert H.batch_chunk_keys([s.tolist() for s in seqs], chunk_size=CHUNK, backend="ext") == want
         total = batch * n
         repeats = 3 if is_small else (5 if total >= 1 << 20 else 9)
-        times = alternate(candidates(seqs), repeats=repeats, warmup=1)
-        tps = {name: total / median(ts) for name, ts in times.items()}
-        base, sha = tps["LMCache builtin hash (list)"], tps["LMCache sha256+CBOR (list)"]
-        for name, value in tps.items():
+        threads = args.threads if total >= 1 << 15 else None
+        samples = alternate_cpu(candidates(seqs, threads), repeats=repeats)
+        cpu = {k: median([c for c, _ in v]) for k, v in samples.items()}
+        wall = {k: median([w for _, w in v]) for k, v in samples.items()}
+        base = {"tensor": cpu[("tensor", "LMCache builtin hash (one tolist)")],
+                "list": cpu[("list", "LMCache builtin hash")]}
+        sha = {"tensor": cpu[("tensor", "LMCache sha256+CBOR (one tolist)")],
+               "list": cpu[("list", "LMCache sha256+CBOR")]}
+        for (kind, scheme), c in cpu.items():
+            x_b, x_s = base[kind] / c, sha[kind] / c
             rows.append({
-                "case": f"{batch}x{n}" if batch > 1 else f"{n}", "batch": batch, "tokens": n, "scheme": name,
-                "backend": "ext" if "ext" in name else ("reference" if "reference" in name else "python"),
-                "key_bits": 128 if "lmkv" in name else (256 if "sha256" in name else 64),
-                "threads": os.environ.get("LMKV_HASH_THREADS", "1"), "chunk_size": CHUNK,
-                "median_s": median(times[name]), "Mtok_per_s": value / 1e6,
-                "x_builtin": value / base, "x_sha256": value / sha,
+                "case": f"{batch}x{n}" if batch > 1 else f"{n}", "batch": batch, "tokens": n, "input": kind,
+                "scheme": scheme,
+                "backend": "ext" if "ext" in scheme else ("reference" if "reference" in scheme else "python"),
+                "key_bits": 128 if "lmkv" in scheme else (256 if "sha256" in scheme else 64),
+                "threads": int(scheme.split(", ")[1].split()[0]) if "threads" in scheme else 1, "chunk_size": CHUNK,
+                "cpu_s": c, "wall_s": wall[(kind, scheme)],
+                "Mtok_s_cpu": total / c / 1e6, "Mtok_s_wall": total / wall[(kind, scheme)] / 1e6,
+                "x_builtin": x_b, "x_sha256": x_s,
+                "targets (5x, 20x)": f"{_meets(x_b, 5)}, {_meets(x_s, 20)}" if "lmkv ext" in scheme else "",
             })
-    print_table(rows, ["case", "scheme", "key_bits", "Mtok_per_s", "x_builtin", "x_sha256"],
-                title=f"Chunk-key throughput (chunk {CHUNK}, medians of alternated runs)")
+    print_table(rows, ["case", "input", "scheme", "key_bits", "Mtok_s_cpu", "Mtok_s_wall", "x_builtin", "x_sha256",
+                       "targets (5x, 20x)"],
+                title=f"Chunk-key throughput (chunk {CHUNK}; medians of alternated runs; ratios from CPU time "
+                      "against LMCache's schemes on the same input type)")
     write_rows("bench_hashing", rows)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for scheme in dict.fromkeys(r["scheme"] for r in rows):
-        pts = [(r["batch"] * r["tokens"], r["Mtok_per_s"]) for r in rows if r["scheme"] == scheme and r["batch"] == 1]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=scheme)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for kind, scheme in dict.fromkeys((r["input"], r["scheme"]) for r in rows):
+        pts = [(r["tokens"], r["Mtok_s_cpu"]) for r in rows
+               if (r["input"], r["scheme"]) == (kind, scheme) and r["batch"] == 1]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{scheme} ({kind})",
+                linestyle="-" if kind == "tensor" else "--")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("tokens per sequence")
-    ax.set_ylabel("M tokens / s")
+    ax.set_ylabel("M tokens / CPU-second")
     ax.set_title("Chunk-key throughput, single sequence")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     save_plot(fig, "bench_hashing")
 
 

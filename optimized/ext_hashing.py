@@ -3,7 +3,8 @@
 Limits: CPU only, CPython only. The hot path bypasses the torch dispatcher: ``load_component("hashing")``
 builds one library holding both the ``torch.ops.lmkv.hashing_*`` operators and plain CPython functions
 (csrc/cpu/hashing_py.cpp), fetched once here through ``ctypes.PyDLL``. Those take a list/tuple of ints or a
-1-D integer numpy array as is (C reads list items and range-checks ids) and answer None for anything they do
+1-D integer numpy array or a contiguous CPU int tensor (by address) as is (C reads list items and
+range-checks ids) and answer None for anything they do
 not handle, which sends the input through ``lmkv.ops.hashing.as_tokens`` (normalise, or raise the named
 error) and back. Leaves may use OpenMP threads (``LMKV_HASH_THREADS``, default 1), chains are sequential.
 Segment splitting is vectorised numpy here; only the hashing is C++. Digests equal reference/hashing.py.
@@ -36,6 +37,8 @@ def _load_api() -> dict[str, Any]:
 
 _API = _load_api()
 _chunk_keys = _API["chunk_keys"]
+_chunk_keys_ptr = _API["chunk_keys_ptr"]
+_SIGNED = {torch.int64: True, torch.int32: True, torch.int16: True, torch.int8: True, torch.uint8: False}
 _batch_chunk_keys = _API["batch_chunk_keys"]
 _segment_keys = _API["segment_keys"]
 
@@ -87,7 +90,15 @@ def _handled(result: list | None, what: str) -> list:
 
 def chunk_keys(tokens: Any, *, chunk_size: int = 256, salt: bytes = b"", include_partial: bool = True) -> list[bytes]:
     r, th = root(salt), num_threads()
-    out = _chunk_keys(tokens, chunk_size, include_partial, r, th)
+    if type(tokens) is torch.Tensor:
+        signed = _SIGNED.get(tokens.dtype)
+        if signed is not None and tokens.is_cpu and tokens.dim() == 1 and tokens.is_contiguous():
+            out = _chunk_keys_ptr(tokens.data_ptr(), tokens.numel(), tokens.element_size(), signed, chunk_size,
+                                  include_partial, r, th)
+        else:
+            out = None
+    else:
+        out = _chunk_keys(tokens, chunk_size, include_partial, r, th)
     if out is None:
         out = _handled(_chunk_keys(_normalised(tokens, "tokens"), chunk_size, include_partial, r, th), "tokens")
     return out

@@ -268,3 +268,81 @@ def test_fingerprints() -> None:
     assert H.prefix_fingerprints(t, ends) == [H.token_fingerprint(t[:e]) for e in ends]
     with pytest.raises(ValueError, match="ends"):
         H.prefix_fingerprints(t, [10, 5])
+
+
+# -- the ext backend's direct C entry points (csrc/cpu/hashing_py.cpp): every input route and the SIMD paths ----
+@pytest.mark.parametrize("chunks", [1, 2, 3, 7, 8, 9, 15, 17])
+def test_ext_padded_groups_and_transposed_loads(chunks: int) -> None:
+    """1 leftover leaf (scalar), 2..7 (one padded SIMD group), full groups; chunk 64 = four transposed blocks."""
+    rng = np.random.default_rng(chunks)
+    t = rng.integers(0, 2**32, size=64 * chunks + 5, dtype=np.uint64)
+    want = H.chunk_keys(t, chunk_size=64, backend="reference")
+    forms = [t, t.astype(np.int64), t.astype(np.uint32), t.tolist(), torch.from_numpy(t.astype(np.int64))]
+    for form in forms:
+        for backend in BACKENDS:
+            assert H.chunk_keys(form, chunk_size=64, backend=backend) == want, type(form)
+
+
+def test_ext_list_items_of_every_size() -> None:
+    """Ids of 0, 1 and 2 CPython digits, bools and numpy scalars (those go through as_tokens) in one list."""
+    t = [0, 1, 2**30 - 1, 2**30, 2**32 - 1, True, np.int64(7), np.uint32(2**31), 49151] * 5
+    want = H.chunk_keys(np.array([int(x) for x in t], dtype=np.uint64), chunk_size=16, backend="reference")
+    for backend in BACKENDS:
+        assert H.chunk_keys(t, chunk_size=16, backend=backend) == want
+        assert H.chunk_keys(tuple(t), chunk_size=16, backend=backend) == want
+
+
+def test_ext_refuses_then_names_bad_ids() -> None:
+    """Bad ids found in C (list items, 64-bit and signed 32-bit memory) still raise the named errors."""
+    for bad in ([1, 2**32], [1, -1], torch.tensor([1, -1], dtype=torch.int32), torch.tensor([2**33]),
+                np.array([1, -3], dtype=np.int16), [np.int64(-1)]):
+        with pytest.raises(ValueError, match="tokens"):
+            H.chunk_keys(bad)
+    with pytest.raises(ValueError, match=r"sequences\[0\]"):
+        H.batch_chunk_keys([torch.tensor([2**32])])
+    with pytest.raises(TypeError, match="tokens"):
+        H.chunk_keys([1, 2.0])
+    with pytest.raises(TypeError, match="tokens"):
+        H.chunk_keys(np.array([1, 2], dtype=">i4").astype(np.float32))
+
+
+def test_ext_torch_op_adapter_agrees() -> None:
+    """The torch.ops.lmkv.hashing_* operators (the second adapter over the same core) give the same digests."""
+    from lmkv.optimized import ext_hashing as E
+
+    seqs = [torch.arange(1000, dtype=torch.int64), torch.arange(77, dtype=torch.int32),
+            torch.tensor([], dtype=torch.int64)]
+    want = H.batch_chunk_keys(seqs, chunk_size=32, salt=b"s", backend="reference")
+    root = torch.frombuffer(bytearray(E.root(b"s")), dtype=torch.uint8)
+    raw = torch.ops.lmkv.hashing_chunk_keys(seqs, 32, True, root, 1).numpy().tobytes()  # mixed widths
+    assert [raw[i : i + 16] for i in range(0, len(raw), 16)] == [k for keys in want for k in keys]
+    spans = H.segment_keys(seqs[0], separator=[500], salt=b"s", backend="reference")
+    raw = torch.ops.lmkv.hashing_segment_keys(seqs[0], torch.tensor([0, 501]), torch.tensor([500, 1000]), root, 1)
+    assert [raw.numpy().tobytes()[i : i + 16] for i in (0, 16)] == [d for _, _, d in spans]
+
+
+def test_default_resolution_is_memoised_but_selections_still_apply() -> None:
+    from lmkv._dispatch import use_backend
+
+    t = list(range(300))
+    want = H.chunk_keys(t, backend="reference")
+    calls = []
+    original = H.chunk_keys.reference
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    H.chunk_keys.reference = spy
+    try:
+        assert H.chunk_keys(t) == want and not calls
+        with use_backend("reference"):
+            assert H.chunk_keys(t) == want and len(calls) == 1
+        os.environ["LMKV_BACKEND"] = "reference"
+        try:
+            assert H.chunk_keys(t) == want and len(calls) == 2
+        finally:
+            del os.environ["LMKV_BACKEND"]
+        assert H.chunk_keys(t) == want and len(calls) == 2
+    finally:
+        H.chunk_keys.reference = original

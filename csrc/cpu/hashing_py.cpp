@@ -82,35 +82,9 @@ inline bool token_of(PyObject* it, uint32_t& out) {
   return true;
 }
 
-// 1: t holds the tokens; 0: not handled here (the caller normalises or raises); -1: a Python error is set.
-int acquire(PyObject* o, Tokens& t) {
-  if (PyList_CheckExact(o) || PyTuple_CheckExact(o)) {
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-    PyObject** items = PySequence_Fast_ITEMS(o);
-    t.own.resize(static_cast<size_t>(n));
-    uint32_t* dst = t.own.data();
-    for (Py_ssize_t i = 0; i < n; ++i)
-      if (!token_of(items[i], dst[i])) return 0;
-    t.span = {t.own.data(), static_cast<int64_t>(n), false};
-    return 1;
-  }
-  if (!PyObject_CheckBuffer(o)) return 0;
-  if (PyObject_GetBuffer(o, &t.view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
-    PyErr_Clear();
-    return 0;
-  }
-  t.has_view = true;
-  if (t.view.ndim != 1) return 0;
-  const char* f = t.view.format ? t.view.format : "B";
-  if (*f == '@' || *f == '=' || *f == '<') ++f;  // native or little-endian (x86/ARM hosts are little-endian)
-  if (f[0] == 0 || f[1] != 0) return 0;
-  const char c = f[0];
-  const bool is_signed = c == 'b' || c == 'h' || c == 'i' || c == 'l' || c == 'q';
-  const bool is_unsigned = c == 'B' || c == 'H' || c == 'I' || c == 'L' || c == 'Q';
-  if (!is_signed && !is_unsigned) return 0;
-  const int64_t n = t.view.len / (t.view.itemsize ? t.view.itemsize : 1);
-  const void* p = t.view.buf;
-  switch (t.view.itemsize) {
+// Range-check (and for 8/16-bit ids, widen) n ids of itemsize bytes at p; 1 on success, 0 if refused.
+int acquire_raw(const void* p, int64_t n, Py_ssize_t itemsize, bool is_signed, Tokens& t) {
+  switch (itemsize) {
     case 8: {  // one OR over all ids: a negative or >= 2**32 id sets a high bit
       const uint64_t* q = static_cast<const uint64_t*>(p);
       uint64_t acc = 0;
@@ -138,6 +112,36 @@ int acquire(PyObject* o, Tokens& t) {
     default:
       return 0;
   }
+}
+
+
+// 1: t holds the tokens; 0: not handled here (the caller normalises or raises); -1: a Python error is set.
+int acquire(PyObject* o, Tokens& t) {
+  if (PyList_CheckExact(o) || PyTuple_CheckExact(o)) {
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+    PyObject** items = PySequence_Fast_ITEMS(o);
+    t.own.resize(static_cast<size_t>(n));
+    uint32_t* dst = t.own.data();
+    for (Py_ssize_t i = 0; i < n; ++i)
+      if (!token_of(items[i], dst[i])) return 0;
+    t.span = {t.own.data(), static_cast<int64_t>(n), false};
+    return 1;
+  }
+  if (!PyObject_CheckBuffer(o)) return 0;
+  if (PyObject_GetBuffer(o, &t.view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+    PyErr_Clear();
+    return 0;
+  }
+  t.has_view = true;
+  if (t.view.ndim != 1) return 0;
+  const char* f = t.view.format ? t.view.format : "B";
+  if (*f == '@' || *f == '=' || *f == '<') ++f;  // native or little-endian (x86/ARM hosts are little-endian)
+  if (f[0] == 0 || f[1] != 0) return 0;
+  const char c = f[0];
+  const bool is_signed = c == 'b' || c == 'h' || c == 'i' || c == 'l' || c == 'q';
+  const bool is_unsigned = c == 'B' || c == 'H' || c == 'I' || c == 'L' || c == 'Q';
+  if (!is_signed && !is_unsigned) return 0;
+  return acquire_raw(t.view.buf, t.view.len / (t.view.itemsize ? t.view.itemsize : 1), t.view.itemsize, is_signed, t);
 }
 
 bool parse_root(PyObject* o, uint32_t r[4]) {
@@ -222,6 +226,35 @@ PyObject* py_chunk_keys(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       if (ok < 0) return nullptr;
       Py_RETURN_NONE;
     }
+    std::vector<int64_t> first;
+    const std::vector<uint8_t> out = run_chunks({t.span}, c, first);
+    return digest_list(out.data(), first[1]);
+  } catch (const std::bad_alloc&) {
+    return PyErr_NoMemory();
+  }
+}
+
+// chunk_keys_ptr(address, n, itemsize, is_signed, chunk_size, include_partial, root, threads) -> list | None:
+// a contiguous CPU tensor's memory (the caller keeps the tensor alive); Tensor.numpy() alone costs ~2 us.
+PyObject* py_chunk_keys_ptr(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 8) {
+    PyErr_SetString(PyExc_TypeError, "chunk_keys_ptr takes 8 arguments");
+    return nullptr;
+  }
+  try {
+    void* p = PyLong_AsVoidPtr(args[0]);
+    const long long n = PyLong_AsLongLong(args[1]);
+    const Py_ssize_t itemsize = PyLong_AsSsize_t(args[2]);
+    const int is_signed = PyObject_IsTrue(args[3]);
+    if (PyErr_Occurred() || is_signed < 0) return nullptr;
+    if (n < 0 || (n > 0 && !p)) {
+      PyErr_SetString(PyExc_ValueError, "bad token memory");
+      return nullptr;
+    }
+    Common c;
+    if (!parse_common(args + 4, c)) return nullptr;
+    Tokens t;
+    if (!acquire_raw(p, n, itemsize, is_signed != 0, t)) Py_RETURN_NONE;
     std::vector<int64_t> first;
     const std::vector<uint8_t> out = run_chunks({t.span}, c, first);
     return digest_list(out.data(), first[1]);
@@ -323,6 +356,8 @@ PyObject* py_segment_keys(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 PyMethodDef kMethods[] = {
     {"chunk_keys", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_chunk_keys)), METH_FASTCALL,
      "chunk_keys(tokens, chunk_size, include_partial, root, threads) -> list[bytes] | None"},
+    {"chunk_keys_ptr", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_chunk_keys_ptr)),
+     METH_FASTCALL, "chunk_keys_ptr(address, n, itemsize, is_signed, chunk_size, include_partial, root, threads)"},
     {"batch_chunk_keys", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_batch_chunk_keys)),
      METH_FASTCALL, "batch_chunk_keys(sequences, chunk_size, include_partial, root, threads) -> list | None"},
     {"segment_keys", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_segment_keys)), METH_FASTCALL,

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import array
 import numbers
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from lmkv import _dispatch
 from lmkv._dispatch import Backend, Op, register
 from lmkv.reference import hashing as ref
 
@@ -102,17 +104,16 @@ def _check_bool(value: Any, name: str) -> bool:
 _TORCH_INTS = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
 
 
-def _raw_tokens(tokens: Any, name: str) -> Any:
+def _raw_tokens(tokens: Any, name: str, keep_tensor: bool = False) -> Any:
     """The common containers pass through untouched, for a backend to read as they are (the ``ext`` backend
-    reads lists and int arrays in C); CPU int tensors become numpy views; anything else goes through
-    :func:`as_tokens`, which normalises it or raises the named error. Backends still call ``as_tokens`` on what
-    they cannot read directly, so every bad input raises the same error whichever backend runs."""
+    reads lists, int arrays and CPU int tensors in C); other CPU int tensors become numpy views; anything else
+    goes through :func:`as_tokens`, which normalises it or raises the named error. Backends still call
+    ``as_tokens`` on what they cannot read directly, so bad input raises the same error whichever backend runs."""
     kind = type(tokens)
     if kind is list or kind is tuple or kind is np.ndarray:
         return tokens
-    if (kind is torch.Tensor and tokens.dtype in _TORCH_INTS and tokens.device.type == "cpu"
-            and not tokens.requires_grad):
-        return tokens.numpy()
+    if kind is torch.Tensor and tokens.is_cpu and tokens.dtype in _TORCH_INTS and not tokens.requires_grad:
+        return tokens if keep_tensor else tokens.numpy()
     return as_tokens(tokens, name)
 
 
@@ -127,7 +128,7 @@ def _check_options(chunk_size: Any, salt: Any, include_partial: Any) -> dict[str
 
 
 def _validate_chunk_keys(tokens: Any, *, chunk_size: Any = 256, salt: Any = b"", include_partial: Any = True):
-    return (_raw_tokens(tokens, "tokens"),), _check_options(chunk_size, salt, include_partial)
+    return (_raw_tokens(tokens, "tokens", keep_tensor=True),), _check_options(chunk_size, salt, include_partial)
 
 
 def _validate_batch(sequences: Any, *, chunk_size: Any = 256, salt: Any = b"", include_partial: Any = True):
@@ -159,19 +160,40 @@ def _ref_batch_chunk_keys(sequences: Sequence[Any], **options: Any) -> list[list
 _ref_chunk_keys.__doc__ = ref.chunk_keys.__doc__
 _ref_batch_chunk_keys.__doc__ = ref.batch_chunk_keys.__doc__
 
+class _HashOp(Op):
+    """An Op whose default resolution is memoised: a 1k-token prompt hashes in a few microseconds, so the
+    dispatcher's per-call resolution (~2 us) would be a large share of it. Only the plain default case is
+    memoised (no ``backend=``, no ``use_backend`` context, ``LMKV_BACKEND`` unset); everything else resolves
+    as usual. The device is always the host: validation turns every tensor into a numpy array first."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._auto: Any = None
+
+    def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
+        args, kwargs = self.validate(*args, **kwargs)
+        if backend is None and _dispatch._selection.get() is None and "LMKV_BACKEND" not in os.environ:
+            fn = self._auto
+            if fn is None:
+                fn = self._auto = self.resolve(None, "cpu")[1]
+        else:
+            fn = self.resolve(backend, "cpu")[1]
+        return fn(*args, **kwargs)
+
+
 _EXT = "lmkv.optimized.ext_hashing"
 
-chunk_keys = register(Op(
+chunk_keys = register(_HashOp(
     "hashing.chunk_keys", _ref_chunk_keys,
     Backend("ext", f"{_EXT}:chunk_keys", devices={"cpu"}, auto_devices={"cpu"}),
     validate=_validate_chunk_keys,
 ))
-batch_chunk_keys = register(Op(
+batch_chunk_keys = register(_HashOp(
     "hashing.batch_chunk_keys", _ref_batch_chunk_keys,
     Backend("ext", f"{_EXT}:batch_chunk_keys", devices={"cpu"}, auto_devices={"cpu"}),
     validate=_validate_batch,
 ))
-segment_keys = register(Op(
+segment_keys = register(_HashOp(
     "hashing.segment_keys", ref.segment_keys,
     Backend("ext", f"{_EXT}:segment_keys", devices={"cpu"}, auto_devices={"cpu"}),
     validate=_validate_segments,
