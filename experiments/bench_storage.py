@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 reps = args.repeats or (3 if is_small else (21 if size <= (4 << 20) else 9))
                 batch = max(1, (32 << 20) // size) if args.batch == 0 else args.batch
                 for tier in tiers:
-                    fn = {"memory": lambda kv=kv, r=reps: bench_memory(kv, r),
+                    mem_reps = args.repeats or (3 if is_small else (101 if size <= (4 << 20) else 31))  # cheap: more
+                    fn = {"memory": lambda kv=kv, r=mem_reps: bench_memory(kv, r),
                           "disk": lambda kv=kv, r=reps, b=batch: bench_disk(kv, r, root, b),
                           "redis": lambda kv=kv, r=reps, b=batch: bench_redis(kv, r, url, b)}[tier]
                     jobs.append((tier, kv.numel() * kv.element_size(), batch, fn))
