@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -54,27 +52,16 @@ def redis_server(url: str | None):
     if url:
         yield url
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server not found: install it (scripts/install_redis.sh) or pass --redis-url")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tempfile.mkdtemp(prefix="lmkv-bench-redis-")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from lmkv.testing import LocalRedis, RedisUnavailable
+
     try:
-        for _ in range(500):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.01)
-        yield f"redis://127.0.0.1:{port}/0"
+        server = LocalRedis().start()
+    except RedisUnavailable as exc:
+        raise SystemExit(f"{exc}, or pass --redis-url") from None
+    try:
+        yield server.url
     finally:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.cleanup()
 
 
 def _tensor(nbytes: int) -> torch.Tensor:
