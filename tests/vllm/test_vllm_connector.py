@@ -197,9 +197,10 @@ def test_new_engine_hits_same_extended_and_partial_prompts(runs: dict[str, Any])
     assert (ext_load["end"], ext_load["loaded"], ext_load["failed_blocks"]) == (2 * CHUNK, 2 * CHUNK, 0)
     # partial prefix: the one full chunk the prompts share
     assert (part_load["end"], part_load["loaded"], part_load["failed_blocks"]) == (CHUNK, CHUNK, 0)
-    # the extension stored its new chunks
-    ext_save = [e for e in _by(ev, "save") if e["tokens"] == len(prompts["extended"])]
-    assert ext_save and ext_save[0]["start"] == 2 * CHUNK and ext_save[0]["stored"] == CHUNK
+    # the extension stored its new chunks: one full chunk and its one-token tail
+    ext_len = len(prompts["extended"])
+    (ext_save,) = [e for e in _by(ev, "save") if e["tokens"] == ext_len]
+    assert ext_save["start"] == 2 * CHUNK and ext_save["stored"] == ext_len - 2 * CHUNK
 
 
 def test_corrupt_objects_are_recomputed_not_served(runs: dict[str, Any]) -> None:
