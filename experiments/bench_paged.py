@@ -17,11 +17,11 @@ import argparse
 from dataclasses import dataclass
 
 import torch
-from lmkv.reference import paged as ref
 from tqdm import tqdm
 
 from experiments._common import alternate, median, print_table, save_plot, small, write_rows
 from lmkv.ops import paged
+from lmkv.reference import paged as ref
 
 NAME = "bench_paged"
 MiB = 1 << 20

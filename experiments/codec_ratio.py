@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from lmkv.reference import codec as ref
 from tqdm import tqdm
 
 from experiments._common import alternate, median, print_table, save_plot, small, write_rows
 from lmkv.config import CodecConfig
 from lmkv.ops import codec
+from lmkv.reference import codec as ref
 
 NAME = "codec_ratio"
 CHUNK = 256

@@ -164,6 +164,9 @@ class Op:
         self._loaded: dict[str, _Loaded] = {}
         self._logged: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+        # (backend arg, context selection, LMKV_BACKEND, device) -> (name, fn). Availability never changes once a
+        # backend is imported, so resolving on every call (imports, probes, env parsing) would be wasted work.
+        self._resolved: dict[tuple, tuple[str, Callable]] = {}
         self.__doc__ = reference.__doc__
         self.__name__ = name.rsplit(".", 1)[-1]
 
@@ -250,6 +253,17 @@ class Op:
 
     def resolve(self, backend: str | None = None, device: str = "cpu") -> tuple[str, Callable]:
         """The (name, function) a call with these settings would run."""
+        selection = _selection.get()
+        key = (backend, selection if not isinstance(selection, dict) else tuple(selection.items()),
+               os.environ.get("LMKV_BACKEND"), device)
+        hit = self._resolved.get(key)
+        if hit is not None:
+            return hit
+        result = self._resolve(backend, device)
+        self._resolved[key] = result
+        return result
+
+    def _resolve(self, backend: str | None, device: str) -> tuple[str, Callable]:
         name, explicit = self._requested(backend)
         if explicit:
             return name, self.implementation(name, device)

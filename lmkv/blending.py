@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from lmkv.adapters.hf import build_cache, cache_to_kv
 from lmkv.config import BlendConfig
 from lmkv.errors import ConfigError
 from lmkv.ops import blend as blend_ops
@@ -120,23 +121,7 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 def kv_to_cache(kv: torch.Tensor, upto: int | None = None) -> Any:
     """A transformers ``DynamicCache`` from ``kv [L, 2, T, H, D]`` (first ``upto`` tokens), HF ``[1, H, T, D]``."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    t = kv.shape[2] if upto is None else upto
-    for layer in range(kv.shape[0]):
-        k = kv[layer, 0, :t].transpose(0, 1)[None].contiguous()
-        v = kv[layer, 1, :t].transpose(0, 1)[None].contiguous()
-        cache.update(k, v, layer)
-    return cache
-
-
-def cache_to_kv(cache: Any) -> torch.Tensor:
-    """``[L, 2, T, H, D]`` from a DynamicCache of batch 1 (a copy)."""
-    planes = []
-    for layer in cache.layers:
-        planes.append(torch.stack((layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1))))
-    return torch.stack(planes)
+    return build_cache(kv if upto is None else kv[:, :, :upto])
 
 
 @torch.no_grad()

@@ -21,6 +21,9 @@ import torch
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 _loaded: dict[str, str | None] = {}
+HEADER_PREFIXES: dict[str, tuple[str, ...]] = {
+    "paged": ("paged",), "hashing": ("hash",), "codec": ("codec", "rangecoder"), "blend": ("blend",),
+}
 _lock = threading.Lock()
 
 
@@ -60,7 +63,9 @@ def load_component(component: str) -> None:
         if not sources:
             _loaded[component] = f"no sources csrc/cpu/{component}*.cpp"
             raise RuntimeError(_loaded[component])
-        headers = sorted((CSRC / "include" / "lmkv").glob("*.h"))
+        # Only this component's headers key the build, so editing one component does not rebuild the others.
+        prefixes = HEADER_PREFIXES.get(component, ("",))
+        headers = sorted(h for h in (CSRC / "include" / "lmkv").glob("*.h") if h.name.startswith(prefixes))
         from lmkv.paths import cache_dir
 
         build_dir = cache_dir() / "ext" / f"{component}-{_digest(sources + headers)}"

@@ -8,6 +8,7 @@ error", not bit-exact). Builds on first import (~30 s, cached).
 from __future__ import annotations
 
 import torch
+
 from lmkv.optimized.ext import load_component
 from lmkv.optimized.ext import unavailable_reason as unavailable_reason
 from lmkv.reference.rope import RopeSpec

@@ -8,11 +8,11 @@ the extension takes ~30 s once (cached under ``<cache_dir>/ext``).
 from __future__ import annotations
 
 import torch
+
+from lmkv.config import CodecConfig
 from lmkv.optimized.ext import load_component
 from lmkv.optimized.ext import unavailable_reason as unavailable_reason
 from lmkv.reference import codec as ref
-
-from lmkv.config import CodecConfig
 
 load_component("codec")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from lmkv.optimized.ext import load_component
 from lmkv.reference import paged as ref
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from lmkv.reference.rope import RopeSpec, apply_rotation
 
 

@@ -43,11 +43,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from lmkv.reference import codec_format as fmt
-from lmkv.reference.codec_rangecoder import decode_stream, encode_stream, freq_to_cdf, normalize_counts
 
 from lmkv.config import CodecConfig
 from lmkv.errors import CodecError
+from lmkv.reference import codec_format as fmt
+from lmkv.reference.codec_rangecoder import decode_stream, encode_stream, freq_to_cdf, normalize_counts
 
 Coder = Callable[[torch.Tensor, torch.Tensor], tuple[bytes, torch.Tensor]]
 Decoder = Callable[[bytes, torch.Tensor, torch.Tensor, int], torch.Tensor]

@@ -7,10 +7,10 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
-from lmkv.reference.rope import RopeSpec
 
 from lmkv.errors import BackendUnavailable
 from lmkv.ops import blend
+from lmkv.reference.rope import RopeSpec
 
 BACKENDS = [b for b in blend.rerotate.backends() if b != "reference"]
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}

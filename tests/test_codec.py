@@ -11,13 +11,13 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
-from lmkv.reference import codec as ref
-from lmkv.reference import codec_format as fmt
-from lmkv.reference.codec_rangecoder import TOTAL, freq_to_cdf, normalize_counts
 
 from lmkv.config import CodecConfig
 from lmkv.errors import CodecError
 from lmkv.ops import codec
+from lmkv.reference import codec as ref
+from lmkv.reference import codec_format as fmt
+from lmkv.reference.codec_rangecoder import TOTAL, freq_to_cdf, normalize_counts
 
 BACKENDS = codec.encode.available_backends("cpu")
 EXT = "ext" in BACKENDS

@@ -13,9 +13,9 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from lmkv.reference import paged as ref
 
 from lmkv.ops import paged
+from lmkv.reference import paged as ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8, torch.uint8]
 POISON = 0xA5

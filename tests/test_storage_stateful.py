@@ -17,9 +17,9 @@ import pytest
 import torch
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
-from lmkv.reference.storage import ReferenceStore
 from redis_server import RedisServer
 
+from lmkv.reference.storage import ReferenceStore
 from lmkv.storage import MemoryTier, TieredStore
 from lmkv.storage.disk import DiskTier
 from lmkv.storage.objects import header_length

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from lmkv.optimized.triton import unavailable_reason as unavailable_reason
 from lmkv.reference.rope import RopeSpec
 

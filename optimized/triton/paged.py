@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+
 from lmkv.optimized.triton import unavailable_reason as unavailable_reason
 from lmkv.reference import paged as ref
 
