@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from lmkv.optimized.ext import load_component
 from lmkv.reference import hashing as ref
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
-from lmkv.reference import hashing as ref
 
 from lmkv.ops import hashing as H
+from lmkv.reference import hashing as ref
 
 U32 = (1 << 32) - 1
 BACKENDS = [b for b in H.chunk_keys.backends() if b != "reference"]
