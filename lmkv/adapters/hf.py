@@ -52,10 +52,9 @@ def build_cache(kv: torch.Tensor, config: Any = None) -> Any:
         raise ValueError(f"kv must be [L, 2, T, H, D], got shape {tuple(kv.shape)}")
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
     for layer in range(kv.shape[0]):
-        # [T, H, D] -> [1, H, T, D]; contiguous so later appends by torch.cat do not keep the big source alive.
-        keys = kv[layer, 0].transpose(0, 1).unsqueeze(0).contiguous()
-        values = kv[layer, 1].transpose(0, 1).unsqueeze(0).contiguous()
-        cache.update(keys, values, layer)
+        # [T, H, D] -> [1, H, T, D] as a view: DynamicLayer.update copies (torch.cat) into a contiguous tensor of
+        # its own, so making it contiguous here would only add a second full copy of the KV.
+        cache.update(kv[layer, 0].transpose(0, 1).unsqueeze(0), kv[layer, 1].transpose(0, 1).unsqueeze(0), layer)
     return cache
 
 
