@@ -5,7 +5,7 @@ builds one library holding both the ``torch.ops.lmkv.hashing_*`` operators and p
 (csrc/cpu/hashing_py.cpp), fetched once here through ``ctypes.PyDLL``. Those take a list/tuple of ints or a
 1-D integer numpy array or a contiguous CPU int tensor (by address) as is (C reads list items and
 range-checks ids) and answer None for anything they do
-not handle, which sends the input through ``lmkv.ops.hashing.as_tokens`` (normalise, or raise the named
+not handle, which sends the input through ``lmkv.reference.hashing.as_tokens`` (normalise, or raise the named
 error) and back. Leaves may use OpenMP threads (``LMKV_HASH_THREADS``, default 1), chains are sequential.
 Segment splitting is vectorised numpy here; only the hashing is C++. Digests equal reference/hashing.py.
 """
@@ -78,7 +78,7 @@ def root(salt: bytes) -> bytes:
 
 
 def _normalised(tokens: Any, name: str) -> np.ndarray:
-    from lmkv.ops.hashing import as_tokens  # raises the named TypeError/ValueError for bad input
+    from lmkv.reference.hashing import as_tokens  # raises the named TypeError/ValueError for bad input
 
     return as_tokens(tokens, name)
 
