@@ -210,7 +210,7 @@ def test_corrupt_objects_are_recomputed_not_served(runs: dict[str, Any]) -> None
     # checksums, it reports the blocks, and vLLM recomputes them.
     after = _loads(ev)[3]
     assert after["end"] == len(runs["prompts"]["base"]) - 1
-    assert after["loaded"] == 0 and after["failed_blocks"] == after["end"] // BLOCK + 1
+    assert after["loaded"] == 0 and after["failed_blocks"] == (after["end"] - 1) // BLOCK + 1
     assert load["texts"]["corrupt:base"] == plain[":base"]
 
 
