@@ -112,13 +112,7 @@ def _vllm_python() -> str:
 def _model_dir() -> str:
     out = subprocess.run([_vllm_python(), "-c", "from lmkv.models import smollm2_dir; print(smollm2_dir())"],
                          capture_output=True, text=True, check=True, cwd=ROOT)
-    path = Path(out.stdout.strip().splitlines()[-1])
-    cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("quantization_config", {}).get("quant_method") == "gguf":  # vLLM refuses the stale GGUF entry
-        cfg.pop("quantization_config")
-        (path / "config.tmp").write_text(json.dumps(cfg, indent=2))
-        os.replace(path / "config.tmp", path / "config.json")
-    return str(path)
+    return out.stdout.strip().splitlines()[-1]
 
 
 def _prompt(n: int, seed: int) -> list[int]:

@@ -86,6 +86,7 @@ def smollm2_dir(progress: bool = False) -> Path:
     """The SmolLM2 safetensors directory (model + tokenizer), converting the GGUF once (process-safe)."""
     target = cache_dir() / "models" / SMOLLM2_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        _strip_quantization_config(target)
         return target
     with _file_lock(cache_dir() / "models" / ".convert.lock"):
         if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
@@ -100,6 +101,10 @@ def smollm2_dir(progress: bool = False) -> Path:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         config = src.config
         config.dtype = torch.bfloat16
+        # The GGUF loader records a gguf quantization_config; the saved weights are plain bf16, and vLLM refuses
+        # a config that names gguf, so it must not be saved.
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
         plain = LlamaForCausalLM(config)
         missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
         # Tied embeddings: lm_head.weight may be absent from one side; anything else is a real mismatch.
@@ -117,6 +122,19 @@ def smollm2_dir(progress: bool = False) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _strip_quantization_config(target: Path) -> None:
+    """Directories converted by older lmkv versions kept the GGUF quantization_config: drop it in place."""
+    import json
+
+    path = target / "config.json"
+    config = json.loads(path.read_text())
+    if "quantization_config" in config:
+        del config["quantization_config"]
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, path)
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[Any, Any]:

