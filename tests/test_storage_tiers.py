@@ -223,7 +223,10 @@ def test_disk_restart_drops_temp_and_unreadable_files(tmp_path: Path, caplog) ->
     tier.put("k", _enc("k", _kv(100, 0)))
     tier.close()
     sub = tier.file_for("k").parent
-    (sub / "deadbeef.obj.1234.tmp").write_bytes(b"half a write")
+    crashed = sub / "deadbeef.obj.1234.tmp"
+    crashed.write_bytes(b"half a write")
+    old = time.time() - 2 * disk_mod._STALE_TMP_S  # a crashed write is old; a young one may be in progress
+    os.utime(crashed, (old, old))
     (sub / "junk.obj").write_bytes(b"\0" * 10)
     with caplog.at_level(logging.WARNING, "lmkv.storage"):
         again = DiskTier(tmp_path, 1 << 20)
@@ -258,3 +261,30 @@ def test_disk_o_direct_reads(tmp_path: Path) -> None:
         tier.flush()
         assert torch.equal(_read(tier, f"k{n}"), kv)
     tier.close()
+
+
+def test_disk_sees_objects_another_process_wrote_after_it_opened(tmp_path: Path) -> None:
+    reader = DiskTier(tmp_path / "d", 1 << 24)  # opened first: its scan found nothing
+    writer = DiskTier(tmp_path / "d", 1 << 24)
+    kv = _kv(4096, 3)
+    writer.put("shared", _enc("shared", kv))
+    writer.flush()
+    assert reader.contains("shared")
+    got = _read(reader, "shared")
+    assert got is not None and torch.equal(got, kv)
+    assert not reader.contains("never-written")
+    writer.close()
+    reader.close()
+
+
+def test_disk_open_keeps_young_tmp_files_and_removes_stale_ones(tmp_path: Path) -> None:
+    DiskTier(tmp_path / "d", 1 << 20).close()
+    sub = tmp_path / "d" / "ab"
+    sub.mkdir(parents=True, exist_ok=True)
+    young, stale = sub / "w1.tmp", sub / "w2.tmp"
+    young.write_bytes(b"in progress")
+    stale.write_bytes(b"crashed")
+    old = time.time() - 2 * disk_mod._STALE_TMP_S
+    os.utime(stale, (old, old))
+    DiskTier(tmp_path / "d", 1 << 20).close()
+    assert young.exists() and not stale.exists()

@@ -20,6 +20,7 @@ import itertools
 import mmap
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ class _Job:
     size: int
     refs: int = 1  # the writer's reference; readers of the pending object add theirs
     done: bool = field(default=False)
+
+
+_STALE_TMP_S = 600.0
 
 
 class DiskTier:
@@ -105,7 +109,13 @@ class DiskTier:
         for sub in sorted(p for p in self.path.iterdir() if p.is_dir() and len(p.name) == 2):
             for f in sub.iterdir():
                 if f.name.endswith(".tmp"):
-                    f.unlink(missing_ok=True)  # a write interrupted by a crash
+                    # A crashed write, unless it is young: another process sharing the directory may be
+                    # writing it right now (a write takes well under a second).
+                    try:
+                        if time.time() - f.stat().st_mtime > _STALE_TMP_S:
+                            f.unlink(missing_ok=True)
+                    except OSError:
+                        pass
                     continue
                 if not f.name.endswith(".obj"):
                     continue
@@ -269,7 +279,30 @@ class DiskTier:
     # -- reads ---------------------------------------------------------------------------------------
     def contains(self, key: str) -> bool:
         with self._lock:
-            return key in self._pending or key in self._index
+            if key in self._pending or key in self._index:
+                return True
+        return self._adopt(key)
+
+    def _adopt(self, key: str) -> bool:
+        """Index a file that another process sharing this directory wrote after we scanned it (the vLLM
+        scheduler and worker are such processes). Its header is checked here; the payload on read."""
+        path = self._fname(key)
+        try:
+            st = os.stat(path)
+            with open(path, "rb", buffering=0) as fh:
+                header = parse_header(fh.read(MAX_HEADER), available=st.st_size)
+        except (OSError, CorruptObject):
+            return False
+        if header.key != key or st.st_size > self._capacity:
+            return False
+        with self._lock:
+            if key in self._index or key in self._pending:
+                return True
+            self._index[key] = st.st_size
+            self._policy.insert(key)
+            self._usage += st.st_size
+            self._make_room(0)
+            return key in self._index
 
     def batched_contains(self, keys: Sequence[str]) -> int:
         return batched_contains_leading(self, keys)
@@ -284,6 +317,10 @@ class DiskTier:
                 return Encoded(job.obj.header, job.obj.payload, owned=False,
                                release=lambda: self._job_release(job), keepalive=job.obj.keepalive)
             size = self._index.get(key)
+        if size is None and self._adopt(key):
+            with self._lock:
+                size = self._index.get(key)
+        with self._lock:
             if size is None:
                 self._stats.misses += 1
                 return None
