@@ -4,7 +4,10 @@ Limits: files are written with plain buffered I/O and no fsync (an object is dur
 back; a torn file after a power loss fails its checksum and reads as a miss). ``o_direct`` applies to reads
 only (aligned buffer, falls back to buffered reads where the filesystem refuses O_DIRECT). The index lives in
 memory and is rebuilt on start by reading each file's header (one small read per object), with recency taken
-from the files' mtimes; leftover ``.tmp`` files from a crash are deleted then.
+from the files' mtimes; leftover ``.tmp`` files older than ten minutes (a crash, not a writer in another
+process) are deleted then. Objects that another process writes into the same directory later are adopted on
+first ``contains``/``get``. Recency counts from when a write lands, so objects written concurrently by the
+writer threads enter the LRU order in landing order.
 
 Each object goes to ``<dir>/<h[:2]>/<h>.obj`` where ``h`` is a BLAKE2b digest of the key; the header inside
 names the key, so a foreign or renamed file is detected. Capacity is accounted in bytes of published files
