@@ -167,6 +167,7 @@ class Op:
         # (backend arg, context selection, LMKV_BACKEND, device) -> (name, fn). Availability never changes once a
         # backend is imported, so resolving on every call (imports, probes, env parsing) would be wasted work.
         self._resolved: dict[tuple, tuple[str, Callable]] = {}
+        self._default: dict[str, Callable] = {}  # device -> fn when nothing selects a backend
         self.__doc__ = reference.__doc__
         self.__name__ = name.rsplit(".", 1)[-1]
 
@@ -283,7 +284,15 @@ class Op:
             normalised = self.validate(*args, **kwargs)
             if normalised is not None:
                 args, kwargs = normalised
-        _, fn = self.resolve(backend, _device_of(args, kwargs))
+        device = _device_of(args, kwargs)
+        if backend is None and _selection.get() is None and "LMKV_BACKEND" not in os.environ:
+            # The plain default, by far the commonest call: one dict lookup (hashing a short prompt takes a
+            # few microseconds, so even building resolve()'s cache key would be a visible share of it).
+            fn = self._default.get(device)
+            if fn is None:
+                fn = self._default[device] = self.resolve(None, device)[1]
+        else:
+            _, fn = self.resolve(backend, device)
         return fn(*args, **kwargs)
 
 

@@ -13,14 +13,12 @@ CPU), with values in ``[0, 2**32)``; anything else is a TypeError/ValueError nam
 from __future__ import annotations
 
 import numbers
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from lmkv import _dispatch
 from lmkv._dispatch import Backend, Op, register
 from lmkv.reference import hashing as ref
 from lmkv.reference.hashing import _out_of_range, as_tokens  # noqa: F401  (re-exported)
@@ -108,40 +106,19 @@ def _ref_batch_chunk_keys(sequences: Sequence[Any], **options: Any) -> list[list
 _ref_chunk_keys.__doc__ = ref.chunk_keys.__doc__
 _ref_batch_chunk_keys.__doc__ = ref.batch_chunk_keys.__doc__
 
-class _HashOp(Op):
-    """An Op whose default resolution is memoised: a 1k-token prompt hashes in a few microseconds, so the
-    dispatcher's per-call resolution (~2 us) would be a large share of it. Only the plain default case is
-    memoised (no ``backend=``, no ``use_backend`` context, ``LMKV_BACKEND`` unset); everything else resolves
-    as usual. The device is always the host: validation turns every tensor into a numpy array first."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._auto: Any = None
-
-    def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
-        args, kwargs = self.validate(*args, **kwargs)
-        if backend is None and _dispatch._selection.get() is None and "LMKV_BACKEND" not in os.environ:
-            fn = self._auto
-            if fn is None:
-                fn = self._auto = self.resolve(None, "cpu")[1]
-        else:
-            fn = self.resolve(backend, "cpu")[1]
-        return fn(*args, **kwargs)
-
-
 _EXT = "lmkv.optimized.ext_hashing"
 
-chunk_keys = register(_HashOp(
+chunk_keys = register(Op(
     "hashing.chunk_keys", _ref_chunk_keys,
     Backend("ext", f"{_EXT}:chunk_keys", devices={"cpu"}, auto_devices={"cpu"}),
     validate=_validate_chunk_keys,
 ))
-batch_chunk_keys = register(_HashOp(
+batch_chunk_keys = register(Op(
     "hashing.batch_chunk_keys", _ref_batch_chunk_keys,
     Backend("ext", f"{_EXT}:batch_chunk_keys", devices={"cpu"}, auto_devices={"cpu"}),
     validate=_validate_batch,
 ))
-segment_keys = register(_HashOp(
+segment_keys = register(Op(
     "hashing.segment_keys", ref.segment_keys,
     Backend("ext", f"{_EXT}:segment_keys", devices={"cpu"}, auto_devices={"cpu"}),
     validate=_validate_segments,
