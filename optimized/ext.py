@@ -64,7 +64,7 @@ def load_component(component: str) -> None:
             _loaded[component] = f"no sources csrc/cpu/{component}*.cpp"
             raise RuntimeError(_loaded[component])
         # Only this component's headers key the build, so editing one component does not rebuild the others.
-        prefixes = HEADER_PREFIXES.get(component, ("",))
+        prefixes = (*HEADER_PREFIXES.get(component, ("",)), "common")
         headers = sorted(h for h in (CSRC / "include" / "lmkv").glob("*.h") if h.name.startswith(prefixes))
         from lmkv.paths import cache_dir
 

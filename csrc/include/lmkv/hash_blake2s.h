@@ -8,11 +8,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define LMKV_HD __host__ __device__ __forceinline__
-#else
-#define LMKV_HD inline
-#endif
+#include "lmkv/common.h"
 
 // Fully unrolled rounds let the compiler fold the message schedule (sigma) into register names.
 #if defined(__CUDACC__) || defined(__HIPCC__) || defined(__clang__)

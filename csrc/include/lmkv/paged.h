@@ -7,11 +7,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define LMKV_HD __host__ __device__ __forceinline__
-#else
-#define LMKV_HD inline
-#endif
+#include "lmkv/common.h"
 
 namespace lmkv {
 namespace paged {
