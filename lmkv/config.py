@@ -108,11 +108,11 @@ class RedisConfig:
 class CodecConfig:
     """CacheGen quantization defaults (stored in each blob, so decoding needs no config)."""
 
-    key_bins_early: int = _f(32, "bins for keys in early layers", min=3, max=256)
-    key_bins_late: int = _f(16, "bins for keys in later layers", min=3, max=256)
+    key_bins_early: int = _f(32, "bins for keys in early layers", min=3, max=255)
+    key_bins_late: int = _f(16, "bins for keys in later layers", min=3, max=255)
     key_early_fraction: float = _f(10 / 32, "fraction of layers that count as early for keys", min=0.0, max=1.0)
-    value_bins_early: int = _f(32, "bins for values in early layers", min=3, max=256)
-    value_bins_late: int = _f(16, "bins for values in later layers", min=3, max=256)
+    value_bins_early: int = _f(32, "bins for values in early layers", min=3, max=255)
+    value_bins_late: int = _f(16, "bins for values in later layers", min=3, max=255)
     value_early_fraction: float = _f(2 / 32, "fraction of layers that count as early for values", min=0.0, max=1.0)
     key_scale_axis: str = _f("channel", "keys: one scale per channel over the chunk (lmkv) or per token (CacheGen)",
                              choices=("token", "channel"))

@@ -80,8 +80,9 @@ def resolve_bins(config: CodecConfig | None, num_layers: int, planes: int) -> to
         early, late, fraction = rules[p]
         boundary = int(fraction * num_layers + 0.5)
         out[:, p] = torch.where(torch.arange(num_layers) < boundary, early, late)
-    if int(out.min()) < 3:
-        raise ValueError(f"config: every bins value must be >= 3, got {out.unique().tolist()}")
+    # The blob stores bins as one byte per (layer, plane), and the alphabet must fit uint8 symbols.
+    if int(out.min()) < 3 or int(out.max()) > 255:
+        raise ValueError(f"config: every bins value must be in [3, 255], got {out.unique().tolist()}")
     return out
 
 

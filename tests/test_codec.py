@@ -12,8 +12,8 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from lmkv.config import CodecConfig
-from lmkv.errors import CodecError
+from lmkv.config import CodecConfig, load
+from lmkv.errors import CodecError, ConfigError
 from lmkv.ops import codec
 from lmkv.reference import codec as ref
 from lmkv.reference import codec_format as fmt
@@ -238,6 +238,14 @@ def test_bins_follow_layer_fraction_and_travel_in_blob() -> None:
     blob = codec.encode(x, config=config, backend="reference")
     assert codec.inspect(blob)["bins"].tolist() == ref.resolve_bins(config, 4, 2).tolist()
     _check_error_bound(x, codec.decode(blob), config)  # decoding needs no config
+
+
+def test_bins_above_one_byte_are_refused_before_encoding() -> None:
+    # The blob keeps bins in one byte per (layer, plane): 256 once encoded a blob that no decoder accepted.
+    with pytest.raises(ValueError, match=r"bins value must be in \[3, 255\]"):
+        codec.encode(torch.randn(2, 2, 4, 1, 8), config=CodecConfig(key_bins_early=256))
+    with pytest.raises(ConfigError, match="codec.value_bins_late"):
+        load({"codec": {"value_bins_late": 256}})
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
