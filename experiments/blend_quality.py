@@ -239,9 +239,22 @@ def layout(s: Setup, q: Question, order: list[int]) -> tuple[torch.Tensor, list[
     return torch.tensor(ids), segs, first_end
 
 
+def oracle_scores(model: Any, ids: torch.Tensor, segs: list[tuple]) -> torch.Tensor:
+    """``[N]`` how far each cached token's K and V are from a full prefill's, averaged over *all* layers (each
+    layer normalised by its mean): the selection a check layer tries to predict, known here only because the
+    study also runs the full prefill. Not a deployable rule; it bounds what any deviation-based selection gets."""
+    dev = kv_deviation_by_layer(model, ids, segs)
+    both = torch.cat((dev["key"], dev["value"]))  # [2L, N], NaN where no cache
+    both = both / both.nanmean(dim=1, keepdim=True)
+    return torch.nan_to_num(both.nanmean(dim=0), nan=0.0)
+
+
 def run_methods(s: Setup, ratios: tuple[float, ...], max_new: int, seed: int, progress: bool = True,
-                blend: BlendConfig | None = None) -> list[dict[str, Any]]:
-    """One row per (question, method): KL, ROUGE-L, exact match, accuracy, TTFT."""
+                blend: BlendConfig | None = None, oracle: bool = False) -> list[dict[str, Any]]:
+    """One row per (question, method): KL, ROUGE-L, exact match, accuracy, TTFT.
+
+    ``oracle=True`` selects by :func:`oracle_scores` instead of the check layers' deviation (TTFT then excludes
+    the oracle's own full prefill)."""
     from tqdm.auto import tqdm
 
     blend = blend or BlendConfig()
@@ -271,10 +284,11 @@ def run_methods(s: Setup, ratios: tuple[float, ...], max_new: int, seed: int, pr
         results["prefix"] = (cache_to_kv(out.past_key_values), out.logits[0, -1], time.perf_counter() - t0,
                              1 - first_end / len(ids))
 
+        scores = oracle_scores(model, ids, segs) if oracle else None
         for name, ratio in [("reuse", 0.0), *((f"blend {r:.0%}", r) for r in ratios)]:
             t0 = time.perf_counter()
             cache, logits, stats = blend_prefill(model, ids, segs, ratio=ratio, check_layers=blend.check_layers,
-                                                 deviation=blend.deviation)
+                                                 deviation=blend.deviation, scores=scores)
             elapsed = time.perf_counter() - t0
             results[name] = (cache_to_kv(cache), logits, elapsed, stats.recompute_fraction)
 

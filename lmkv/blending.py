@@ -189,6 +189,7 @@ def blend_prefill(
     check_layers: Sequence[int] | int = _DEFAULTS.check_layers,
     deviation: str = _DEFAULTS.deviation,
     backend: str | None = None,
+    scores: torch.Tensor | None = None,
 ) -> tuple[Any, torch.Tensor, BlendStats]:
     """Prefill ``input_ids`` reusing the cached KV of ``segments``, recomputing only a ``ratio`` of their tokens.
 
@@ -202,6 +203,9 @@ def blend_prefill(
         check_layers: increasing layer indices; several = gradual filtering (kept fraction ratio**(i/m)).
         deviation: ``"key"`` or ``"value"``: which tensor's deviation selects tokens.
         backend: backend for the re-rotation op (None = dispatch default).
+        scores: optional ``[N]`` per-token scores that replace the measured deviation at the check layers (higher
+            = recompute first), for studies of other selection rules such as an oracle; the check layers still
+            decide where the selection happens.
 
     Returns:
         ``(cache, logits, stats)``: a ``DynamicCache`` holding all N tokens (``[1, H, N, D]`` per layer), the
@@ -222,6 +226,10 @@ def blend_prefill(
     head_dim = attn0.head_dim
     heads = config.num_key_value_heads
     segs = _normalise_segments(segments, n, (num_layers, heads, head_dim))
+    if scores is not None and (not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (n,)
+                               or not bool(torch.isfinite(scores.float()).all())):
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"scores must be a finite [N] = [{n}] tensor, got {got}")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     ids = ids.to(device)
@@ -283,7 +291,10 @@ def blend_prefill(
             cand_mask = ~always[active]
             cand_local = torch.nonzero(cand_mask).flatten()
             fresh = (fresh_k, fresh_v)[plane][cand_local]
-            dev = blend_ops.token_deviation(fresh, cached_plane[li][active[cand_local]])
+            if scores is None:
+                dev = blend_ops.token_deviation(fresh, cached_plane[li][active[cand_local]])
+            else:
+                dev = scores.to(device=device, dtype=torch.float32)[active[cand_local]]
             full_dev = torch.full((n,), float("nan"), device=device)
             full_dev[active[cand_local]] = dev
             keep = blend_ops.select_tokens(full_dev, active[cand_local], counts[li])

@@ -114,6 +114,17 @@ def test_partial_ratio_keeps_the_most_deviating_tokens(arch: str) -> None:
     assert (logits - full_logits).abs().max() < (reuse_logits - full_logits).abs().max()
 
 
+def test_given_scores_replace_the_deviation() -> None:
+    m = model("llama")
+    tokens = chunk_tokens(7, [10, 10])
+    ids, segs = build(m, tokens, [1, 0], [2])
+    scores = torch.zeros(ids.shape[0])
+    scores[[3, 11, 17]] = torch.tensor([1.0, 3.0, 2.0])  # the rule a study wants, whatever the deviation says
+    _, _, stats = blend_prefill(m, ids, segs, ratio=0.15, check_layers=(1,), scores=scores)
+    assert stats.selected[1].tolist() == [3, 11, 17]
+    assert torch.equal(stats.deviation[1][:20], scores[:20])
+
+
 def test_gradual_filtering_shrinks_the_active_set() -> None:
     m = model("llama")
     tokens = chunk_tokens(2, [10, 10, 10])
@@ -233,6 +244,10 @@ def test_bad_input_is_refused_with_the_argument_named() -> None:
         blend_prefill(m, ids, [(0, 50, segs[0].kv, 0)])
     with pytest.raises(ValueError, match="input_ids"):
         blend_prefill(m, torch.zeros(0, dtype=torch.long), [])
+    with pytest.raises(ValueError, match="scores"):
+        blend_prefill(m, ids, segs, ratio=0.5, scores=torch.zeros(ids.shape[0] + 1))
+    with pytest.raises(ValueError, match="scores"):
+        blend_prefill(m, ids, segs, ratio=0.5, scores=torch.full((ids.shape[0],), float("nan")))
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
