@@ -37,7 +37,7 @@ from lmkv.blending import blend_prefill, cache_to_kv, kv_deviation_by_layer, kv_
 from lmkv.config import BlendConfig
 
 NAME = "blend_quality"
-RATIOS = (0.05, 0.10, 0.15, 0.30)
+RATIOS = (0.05, 0.10, 0.15, 0.30, 0.50)
 
 _SYLLABLES = ["var", "lon", "esk", "mar", "tel", "dor", "bri", "qua", "zen", "hol", "fin", "gar", "ost", "ril", "umb"]
 _FIRST = ["Elena", "Marcus", "Ingrid", "Tobias", "Amara", "Kenji", "Sofia", "Bruno", "Leila", "Oskar", "Nadia", "Ivo"]
@@ -387,22 +387,30 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--filler", type=int, default=14, help="filler sentences per document (sets its length)")
     p.add_argument("--max-new", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check-layers", default=None, help="comma-separated check layers (default: BlendConfig's)")
+    p.add_argument("--deviation", choices=("key", "value"), default=None, help="default: BlendConfig's")
+    p.add_argument("--oracle", action="store_true",
+                   help="select by every layer's deviation from the full prefill (an upper bound, not deployable)")
     args = p.parse_args(argv)
+    cfg = BlendConfig()
+    cfg = BlendConfig(check_layers=tuple(int(x) for x in args.check_layers.split(",")) if args.check_layers
+                      else cfg.check_layers, deviation=args.deviation or cfg.deviation)
     if args.small or small():
         args.docs, args.questions, args.filler, args.max_new = 3, 2, 2, 6
     torch.set_grad_enabled(False)
     s = setup(args.docs, args.questions, args.filler, args.seed)
-    rows = run_methods(s, RATIOS, args.max_new, args.seed)
+    rows = run_methods(s, RATIOS, args.max_new, args.seed, blend=cfg, oracle=args.oracle)
     summary = summarize(rows)
     print_table(summary, ["method", "KL", "ROUGE-L", "exact", "accuracy", "TTFT s", "speedup", "recompute", "n"],
                 title=f"CacheBlend on SmolLM2-135M: {args.docs} docs, {args.questions} questions, "
-                      f"~{rows[0]['tokens']} tokens per prompt")
+                      f"~{rows[0]['tokens']} tokens per prompt, check layers {list(cfg.check_layers)}, "
+                      f"selection by {'oracle' if args.oracle else cfg.deviation}")
     tgt = targets(summary)
     print(f"targets at 15 %: {tgt}")
-    cfg = BlendConfig()
-    write_rows(NAME, [{**r, "kind": "question", "check_layers": list(cfg.check_layers), "deviation": cfg.deviation,
-                       "docs": args.docs, "small": bool(args.small or small())} for r in rows]
-               + [{**r, "kind": "summary", "docs": args.docs} for r in summary] + [{"kind": "targets", **tgt}])
+    sel = {"check_layers": list(cfg.check_layers), "deviation": "oracle" if args.oracle else cfg.deviation,
+           "docs": args.docs, "questions": args.questions, "small": bool(args.small or small())}
+    write_rows(NAME, [{**r, "kind": "question", **sel} for r in rows]
+               + [{**r, "kind": "summary", **sel} for r in summary] + [{"kind": "targets", **sel, **tgt}])
     save_plot(plot(summary), NAME)
     return summary
 
