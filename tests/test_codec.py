@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from lmkv.config import CodecConfig, load
@@ -308,6 +308,7 @@ def test_fuzzed_blobs_raise_codec_error(data: st.DataObject) -> None:
         blob += data.draw(st.binary(min_size=1, max_size=16))
     else:
         blob = bytearray(data.draw(st.binary(max_size=200)))
+    assume(bytes(blob) != SAMPLE)  # two flips of one byte can cancel out; the intact blob must decode
     _decode_all_backends(bytes(blob))
 
 
