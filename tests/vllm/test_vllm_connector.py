@@ -10,6 +10,8 @@ Three engines, each in its own process (tests/vllm/_run_engine.py), share one lm
    a prompt that shares only part of it all hit; then every stored object is corrupted on disk and the base
    prompt runs again: the scheduler still sees the objects, the worker's loads fail their checksums, vLLM
    recomputes the blocks.
+4. ``redis``: a new engine whose only lmkv tier is Redis (a real redis-server on a free loopback port, which
+   the ``store`` engine wrote through to): the base and the partial prompt hit.
 
 Every text must equal the plain engine's; the connector's event log (one JSON line per lookup/load/save/finish,
 from the scheduler and worker processes) shows where KV came from and that nothing stays tracked.
@@ -113,7 +115,19 @@ def _events(path: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def redis_url() -> Any:
+    from lmkv.testing import LocalRedis, RedisUnavailable
+
+    try:
+        server = LocalRedis().start()
+    except RedisUnavailable as exc:
+        pytest.skip(str(exc))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("vllm")
     model = _model_dir()
     prompts = _prompts(model)
@@ -125,7 +139,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     store_events = work / "store.events.jsonl"
     store = _run({**common, "lmkv": {
         "chunk_size": CHUNK, "disk": {"path": str(disk)}, "memory": {"capacity": "256MiB"},
-        "events_path": str(store_events)}, "steps": [
+        "redis": {"enabled": True, "url": redis_url}, "events_path": str(store_events)}, "steps": [
         {"do": "generate", "names": ["base"]},
         {"do": "abort", "name": "abortme"},
         {"do": "generate", "names": ["base"], "tag": "again"},
@@ -139,8 +153,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         {"do": "generate", "names": ["base"], "tag": "corrupt"},
         {"do": "generate", "names": ["abortme"]},
     ]}, work, "load")
-    return {"prompts": prompts, "plain": plain, "store": store, "load": load,
-            "store_events": _events(store_events), "load_events": _events(load_events), "work": work}
+    redis_events = work / "redis.events.jsonl"
+    redis = _run({**common, "lmkv": {
+        "chunk_size": CHUNK, "disk": {"enabled": False}, "memory": {"enabled": False},
+        "redis": {"enabled": True, "url": redis_url}, "events_path": str(redis_events)}, "steps": [
+        {"do": "generate", "names": ["base", "partial"]},
+    ]}, work, "redis")
+    return {"prompts": prompts, "plain": plain, "store": store, "load": load, "redis": redis,
+            "store_events": _events(store_events), "load_events": _events(load_events),
+            "redis_events": _events(redis_events), "work": work}
 
 
 def _by(events: list[dict[str, Any]], event: str, **match: Any) -> list[dict[str, Any]]:
@@ -188,6 +209,17 @@ def test_new_engine_hits_same_extended_and_partial_prompts(runs: dict[str, Any])
     ext_len = len(prompts["extended"])
     (ext_save,) = [e for e in _by(ev, "save") if e["tokens"] == ext_len]
     assert ext_save["start"] == 2 * CHUNK and ext_save["stored"] == ext_len - 2 * CHUNK
+
+
+def test_new_engine_hits_through_redis_only(runs: dict[str, Any]) -> None:
+    plain, redis, ev = runs["plain"]["texts"], runs["redis"]["texts"], runs["redis_events"]
+    n = len(runs["prompts"]["base"])
+    for name in ("base", "partial"):
+        assert redis[f":{name}"] == plain[f":{name}"], f"{name}: output differs from vLLM without lmkv"
+    # Its only tier is Redis, so every loaded token came from the server the first engine wrote through to.
+    base_load, part_load = _loads(ev)[:2]
+    assert (base_load["end"], base_load["loaded"], base_load["failed_blocks"]) == (n - 1, n - 1, 0)
+    assert (part_load["end"], part_load["loaded"], part_load["failed_blocks"]) == (CHUNK, CHUNK, 0)
 
 
 def test_corrupt_objects_are_recomputed_not_served(runs: dict[str, Any]) -> None:
