@@ -41,18 +41,16 @@ TARGET_BITS = 8.083 / 3.5  # int8 absmax with its fp16 scale per token vector, o
 GRID: dict[str, CodecConfig] = {
     "K 64/32, V 64/32": CodecConfig(key_bins_early=64, key_bins_late=32, value_bins_early=64, value_bins_late=32),
     "K 32/24, V 32/24": CodecConfig(key_bins_late=24, value_bins_late=24),
-    "default: K 32/16, V 32/16": CodecConfig(),
+    "default: K 32/16, V 32/16, token 0 exact": CodecConfig(),
+    "K 32/16, V 32/16, no exact token": CodecConfig(exact_leading_tokens=0),
     "K 32/16, V 32/12": CodecConfig(value_bins_late=12),
     "K 32/16, V 32/8": CodecConfig(value_bins_late=8),
     "K 32/16, V 32/6": CodecConfig(value_bins_late=6),
     "K 32/12, V 32/8": CodecConfig(key_bins_late=12, value_bins_late=8),
     "K 16/16, V 16/6": CodecConfig(key_bins_early=16, value_bins_early=16, value_bins_late=6),
     "K 32/8, V 32/8": CodecConfig(key_bins_late=8, value_bins_late=8),
-    "CacheGen bins, token scales": CodecConfig(key_scale_axis="token"),
+    "CacheGen bins, token scales, no exact token": CodecConfig(key_scale_axis="token", exact_leading_tokens=0),
 }
-# Emulated, not a codec feature: the sequence's first token (the attention sink) kept exactly in fp16 beside the
-# blob of tokens 1..255 of the first chunk (IntactKV's observation), its 2 bytes per value counted in the size.
-SINK_EXACT = ("default: K 32/16, V 32/16", "K 32/16, V 32/6")
 
 
 def windows(tok: Any, count: int, context: int, continuation: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -66,25 +64,16 @@ def frontier_rows(model: Any, wins: list[tuple[torch.Tensor, torch.Tensor]]) -> 
     kvs = [capture_kv(model, ctx) for ctx, _ in wins]
     base = [continuation_nll(model, kv, cont) for kv, (_, cont) in zip(kvs, wins)]
     rows = []
-    methods: list[tuple[str, CodecConfig | None, bool]] = [
-        ("int8 absmax", None, False), *((n, c, False) for n, c in GRID.items()),
-        *((f"{n} + exact sink token (emulated)", GRID[n], True) for n in SINK_EXACT)]
-    for name, config, sink in tqdm(methods, desc="frontier"):
+    methods: list[tuple[str, CodecConfig | None]] = [("int8 absmax", None), *GRID.items()]
+    for name, config in tqdm(methods, desc="frontier"):
         bits, dnll = [], []
         for kv, (_, cont), b in zip(kvs, wins, base):
             if config is None:
                 decoded, total = int8_absmax(kv.half().float()), 8.0 + 16 / (kv.shape[3] * kv.shape[4])
             else:
-                chunks = chunks_of(kv)
-                exact = chunks[0][:, :, :1].half() if sink else None
-                if sink:
-                    chunks[0] = chunks[0][:, :, 1:]
-                blobs = [codec.encode(c.half(), config=config) for c in chunks]
-                parts = [codec.decode(x).float() for x in blobs]
-                if exact is not None:
-                    parts.insert(0, exact.float())
-                decoded = torch.cat(parts, dim=2)
-                total = 8 * (sum(len(x) for x in blobs) + (exact.numel() * 2 if sink else 0)) / kv.numel()
+                blobs = [codec.encode(c.half(), config=config) for c in chunks_of(kv)]
+                decoded = torch.cat([codec.decode(x).float() for x in blobs], dim=2)
+                total = 8 * sum(len(x) for x in blobs) / kv.numel()
             bits.append(total)
             dnll.append(continuation_nll(model, decoded, cont) - b)
         mean_bits, mean_dnll = sum(bits) / len(bits), sum(dnll) / len(dnll)
@@ -93,7 +82,6 @@ def frontier_rows(model: Any, wins: list[tuple[torch.Tensor, torch.Tensor]]) -> 
             "ppl_change_pct": 100 * (math.exp(mean_dnll) - 1),
             "ppl_change_pct_per_window": [round(100 * (math.exp(d) - 1), 3) for d in dnll],
             "config": None if config is None else {k: getattr(config, k) for k in config.__dataclass_fields__},
-            "exact_sink_token": sink,
         })
     int8_bits = rows[0]["bits_total"]
     for r in rows:

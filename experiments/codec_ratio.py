@@ -37,11 +37,13 @@ FALLBACK_TEXT = (
 ) * 80
 
 VARIANTS: dict[str, CodecConfig | None] = {
-    "cachegen (bins, token scales, per-channel tables)": CodecConfig(table_groups=0, key_scale_axis="token"),
+    "cachegen (bins, token scales, per-channel tables)": CodecConfig(table_groups=0, key_scale_axis="token",
+                                                                     exact_leading_tokens=0),
     "lmkv token scales, 16 tables": CodecConfig(table_groups=16, key_scale_axis="token"),
     "lmkv token scales, 4 tables": CodecConfig(table_groups=4, key_scale_axis="token"),
     "lmkv token scales, 64 tables": CodecConfig(table_groups=64, key_scale_axis="token"),
-    "lmkv K per-channel, 16 tables (default)": CodecConfig(key_scale_axis="channel"),
+    "lmkv K per-channel, 16 tables, no exact token": CodecConfig(exact_leading_tokens=0),
+    "lmkv K per-channel, 16 tables, token 0 exact (default)": CodecConfig(),
     "lmkv K+V per-channel, 16 tables": CodecConfig(key_scale_axis="channel", value_scale_axis="channel"),
     "lmkv K per-channel, late bins 12": CodecConfig(key_scale_axis="channel", key_bins_late=12, value_bins_late=12),
     "lmkv K per-channel, late bins 8": CodecConfig(key_scale_axis="channel", key_bins_late=8, value_bins_late=8),
@@ -110,14 +112,15 @@ def method_rows(model: Any, kv: torch.Tensor, cont: torch.Tensor) -> tuple[list[
             "nll": nll, "ppl": math.exp(nll), "ppl_change_pct": 100 * (math.exp(nll - base_nll) - 1),
         })
 
-    add("fp32 (reference)", kv, {"payload": 32.0, "tables": 0.0, "scales": 0.0, "meta": 0.0})
-    add("fp16", kv.half().float(), {"payload": 16.0, "tables": 0.0, "scales": 0.0, "meta": 0.0})
-    add("int8 absmax", int8_absmax(kv), {"payload": 8.0, "tables": 0.0, "scales": 16 / (H * D), "meta": 0.0})
+    add("fp32 (reference)", kv, {"payload": 32.0, "tables": 0.0, "scales": 0.0, "exact": 0.0, "meta": 0.0})
+    add("fp16", kv.half().float(), {"payload": 16.0, "tables": 0.0, "scales": 0.0, "exact": 0.0, "meta": 0.0})
+    add("int8 absmax", int8_absmax(kv), {"payload": 8.0, "tables": 0.0, "scales": 16 / (H * D), "exact": 0.0,
+                                                "meta": 0.0})
     for name, config in tqdm(VARIANTS.items(), desc="codec variants"):
         blobs = [codec.encode(c.half(), config=config) for c in chunks_of(kv)]  # engines store fp16 KV
         decoded = torch.cat([codec.decode(b).float() for b in blobs], dim=2)
         sections = [codec.inspect(b)["bytes"] for b in blobs]
-        bits = {k: 8 * sum(s[k] for s in sections) / values for k in ("payload", "tables", "scales", "meta")}
+        bits = {k: 8 * sum(s[k] for s in sections) / values for k in ("payload", "tables", "scales", "exact", "meta")}
         add(name, decoded, bits)
         parts[name] = blobs
     int8_bits = rows[2]["bits_total"]
@@ -253,7 +256,7 @@ def plot(rows: list[dict], coder: list[dict]) -> None:
     codec_rows = [r for r in rows if r["method"] in VARIANTS or "int8" in r["method"]]
     names = [r["method"] for r in codec_rows]
     bottom = np.zeros(len(codec_rows))
-    for part in ("payload", "tables", "scales", "meta"):
+    for part in ("payload", "tables", "scales", "exact", "meta"):
         vals = np.array([r[f"bits_{part}"] for r in codec_rows])
         axes[0].barh(names, vals, left=bottom, label=part)
         bottom += vals
@@ -297,7 +300,7 @@ def main() -> None:
     print(f"SmolLM2 KV {tuple(kv.shape)} captured in {time.perf_counter() - t0:.1f}s (incl. load)", flush=True)
     rows, blobs = method_rows(model, kv, cont)
     common = {"context": args.context, "continuation": args.continuation, "chunk": CHUNK, "model": "SmolLM2-135M"}
-    print_table(rows, ["method", "bits_total", "bits_payload", "bits_tables", "bits_scales", "bits_meta",
+    print_table(rows, ["method", "bits_total", "bits_payload", "bits_tables", "bits_scales", "bits_exact", "bits_meta",
                        "x_smaller_than_int8", "rel_l2_k", "rel_l2_v", "ppl", "ppl_change_pct"],
                 title=f"KV codecs on SmolLM2-135M ({args.context} context tokens in {CHUNK}-token chunks, "
                       f"perplexity of the next {args.continuation})")

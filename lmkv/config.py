@@ -118,6 +118,9 @@ class CodecConfig:
                              choices=("token", "channel"))
     value_scale_axis: str = _f("token", "values share one scale per token vector (CacheGen) or per channel",
                                choices=("token", "channel"))
+    exact_leading_tokens: int = _f(1, "leading tokens of each chunk kept exact, not quantized (token 0 of a sequence "
+                                       "is the attention sink; the cost is 2 bytes per value of those tokens)",
+                                    min=0, max=65535)
     table_groups: int = _f(16, "probability tables shared per layer and K/V plane (0: one per channel, as CacheGen)",
                            min=0, max=256)
 

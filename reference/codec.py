@@ -235,7 +235,13 @@ def build_blob(chunk: torch.Tensor, config: CodecConfig | None, coder: Coder) ->
     L, P, T, H, D = x.shape
     C = H * D
     bins = resolve_bins(config, L, P)
-    symbols, scales = quantize(chunk, config)
+    # The first E tokens travel as they are (at least one token is always quantized, so every stream is
+    # non-empty); the rest is quantized and coded as a chunk of Q = T - E tokens.
+    E = min(int(config.exact_leading_tokens), T - 1)
+    if not bool(torch.isfinite(x).all()):  # checked before the split: an exact token must be finite too
+        raise ValueError("chunk: contains NaN or inf; the codec quantizes finite values only")
+    exact = x[:, :, :E].contiguous().view(torch.uint8).numpy().tobytes() if E else b""
+    symbols, scales = quantize(x[:, :, E:].reshape(L, P, T - E, H, D), config)
     streams = to_streams(symbols)
     nsym = fmt.alphabet(bins).reshape(-1)  # [L*P]
     nmax = int(nsym.max())
@@ -261,7 +267,7 @@ def build_blob(chunk: torch.Tensor, config: CodecConfig | None, coder: Coder) ->
         bins=bins.numpy().astype(np.uint8), channel_scaled=tuple(channel_scaled(config, p) for p in range(P)),
         scales=[s.reshape(L, -1).view(torch.int16).numpy().view(np.uint16) for s in scales],
         tables=[f.numpy().astype(np.uint16) for f in freqs], ids=ids_np,
-        lengths=lengths.numpy().astype(np.int64), payload=payload,
+        lengths=lengths.numpy().astype(np.int64), payload=payload, exact_tokens=E, exact=exact,
     )
 
 
@@ -283,8 +289,9 @@ def stream_tables(blob: fmt.Blob) -> torch.Tensor:
 
 def decode_with(blob: bytes | bytearray | memoryview, decoder: Decoder) -> torch.Tensor:
     parsed = fmt.unpack(blob)
-    shape = (parsed.L, parsed.P, parsed.T, parsed.H, parsed.D)
-    streams = decoder(parsed.payload, torch.from_numpy(parsed.lengths), stream_tables(parsed), parsed.T)
+    E, Q = parsed.exact_tokens, parsed.T - parsed.exact_tokens
+    shape = (parsed.L, parsed.P, Q, parsed.H, parsed.D)
+    streams = decoder(parsed.payload, torch.from_numpy(parsed.lengths), stream_tables(parsed), Q)
     symbols = from_streams(streams, shape)
     bins = torch.from_numpy(parsed.bins.astype(np.int64))
     nsym = fmt.alphabet(bins)[:, :, None, None, None]
@@ -292,9 +299,15 @@ def decode_with(blob: bytes | bytearray | memoryview, decoder: Decoder) -> torch
         raise CodecError("bad CacheGen blob: decoded symbol outside its alphabet")
     scales = tuple(
         torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).reshape(
-            (parsed.L, 1, parsed.H, parsed.D) if per_channel else (parsed.L, parsed.T, 1, 1))
+            (parsed.L, 1, parsed.H, parsed.D) if per_channel else (parsed.L, Q, 1, 1))
         for a, per_channel in zip(parsed.scales, parsed.channel_scaled, strict=True))
     x = dequantize(symbols, scales, bins, parsed.dtype)
+    if E:
+        head = torch.frombuffer(bytearray(parsed.exact), dtype=torch.uint8).view(parsed.dtype)
+        head = head.reshape(parsed.L, parsed.P, E, parsed.H, parsed.D)
+        if not bool(torch.isfinite(head).all()):  # only a forged blob with a valid CRC gets here
+            raise CodecError("bad CacheGen blob: an exact token holds NaN or inf")
+        x = torch.cat((head, x), dim=2)
     return x.reshape(parsed.L, 1, parsed.T, parsed.D) if parsed.mla else x
 
 

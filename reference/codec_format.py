@@ -6,7 +6,7 @@ alphabet of plane ``(l, p)`` and ``G`` the number of shared tables per plane (0:
 
     offset  size              field
     0       4                 magic b"LKCG"
-    4       1                 format version (1)
+    4       1                 format version (2)
     5       1                 flags: bit 0 = MLA chunk [L, 1, T, D] (else [L, P, T, H, D]);
                               bit 1 + p = plane p is scaled per channel (else per token)
     6       1                 dtype code of the original chunk (lmkv.types.DTYPE_CODES: f32, f16 or bf16)
@@ -14,14 +14,16 @@ alphabet of plane ``(l, p)`` and ``G`` the number of shared tables per plane (0:
     8       4 x u32           L, T, H, D
     24      u16               G (0..256)
     26      u8                W, bits per packed stream length (0..32)
-    27      L*P x u8          bins(l, p): the quantization config, so a blob decodes without outside config
-            scales x u16      bfloat16 bit patterns, finite and >= 0: for each plane p, [L, T] (per token)
+    27      u16               E, leading tokens stored exactly (0 <= E < T); the streams hold the other Q = T - E
+    29      L*P x u8          bins(l, p): the quantization config, so a blob decodes without outside config
+            L*P*E*C values    the first E tokens as they were, in the chunk's dtype, layout [L, P, E, C]
+            scales x u16      bfloat16 bit patterns, finite and >= 0: for each plane p, [L, Q] (per token)
                               or [L, C] (per channel)
             tables x u16      16-bit frequencies: for each (l, p) in order, (G or C) tables of n(l, p) entries;
                               each table sums to 2**16 (or is all zero when unused)
             L*P*C x u8        table id of every stream (only when G > 0), each < G
             ceil(S*W/8)       stream byte lengths, W bits each, packed little-endian bit order
-            sum(lengths)      payload: the range-coded streams, stream order (l, p, c)
+            sum(lengths)      payload: the range-coded streams of Q symbols each, stream order (l, p, c)
             4                 CRC-32 (zlib) of every byte before it
 
 Every size is bounded before anything is allocated (see ``LIMITS``), the total length must match exactly,
@@ -41,10 +43,10 @@ from lmkv.errors import CodecError
 from lmkv.types import DTYPE_CODES, DTYPES_BY_CODE
 
 MAGIC = b"LKCG"
-VERSION = 1
+VERSION = 2
 FLAG_MLA = 1
 FLAG_CHANNEL_SCALES = (2, 4)  # per plane
-HEADER = struct.Struct("<4sBBBBIIIIHB")
+HEADER = struct.Struct("<4sBBBBIIIIHBH")
 CRC = struct.Struct("<I")
 CODEC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOTAL = 1 << 16
@@ -75,6 +77,8 @@ class Blob:
     ids: np.ndarray | None  # [L, P, C] uint8 when groups > 0
     lengths: np.ndarray  # [S] int64
     payload: bytes
+    exact_tokens: int = 0  # E
+    exact: bytes = b""  # the first E tokens, [L, P, E, C] in the chunk's dtype
 
     @property
     def C(self) -> int:
@@ -86,7 +90,7 @@ class Blob:
         width = int(self.lengths.max()).bit_length() if self.lengths.size else 0
         meta = HEADER.size + self.bins.size + (self.lengths.size * width + 7) // 8 + CRC.size
         return {"payload": len(self.payload), "tables": tables, "scales": sum(a.size for a in self.scales) * 2,
-                "meta": meta}
+                "exact": len(self.exact), "meta": meta}
 
 
 def _pack_bits(values: np.ndarray, width: int) -> bytes:
@@ -109,8 +113,9 @@ def pack(blob: Blob) -> bytes:
     width = int(lengths.max()).bit_length() if lengths.size else 0
     flags = (FLAG_MLA if blob.mla else 0) | sum(f for f, c in zip(FLAG_CHANNEL_SCALES, blob.channel_scaled) if c)
     head = HEADER.pack(MAGIC, VERSION, flags, DTYPE_CODES[blob.dtype], blob.P,
-                       blob.L, blob.T, blob.H, blob.D, blob.groups, width)
-    parts = [head, blob.bins.astype(np.uint8).tobytes(), *(a.astype("<u2").tobytes() for a in blob.scales)]
+                       blob.L, blob.T, blob.H, blob.D, blob.groups, width, blob.exact_tokens)
+    parts = [head, blob.bins.astype(np.uint8).tobytes(), blob.exact,
+             *(a.astype("<u2").tobytes() for a in blob.scales)]
     parts += [t.astype("<u2").tobytes() for t in blob.tables]
     if blob.groups:
         assert blob.ids is not None
@@ -129,7 +134,7 @@ def unpack(data: bytes | bytearray | memoryview) -> Blob:
     mv = memoryview(data).cast("B")
     if len(mv) < HEADER.size + CRC.size:
         raise _fail(f"{len(mv)} bytes is shorter than the smallest blob ({HEADER.size + CRC.size})")
-    magic, version, flags, dtype_code, P, L, T, H, D, groups, width = HEADER.unpack_from(mv, 0)
+    magic, version, flags, dtype_code, P, L, T, H, D, groups, width, E = HEADER.unpack_from(mv, 0)
     if magic != MAGIC:
         raise _fail(f"magic {bytes(magic)!r} is not {MAGIC!r} (not an lmkv CacheGen blob)")
     if version != VERSION:
@@ -152,6 +157,9 @@ def unpack(data: bytes | bytearray | memoryview) -> Blob:
         raise _fail(f"{L * P * T * H * D} elements exceed the limit {LIMITS['elements']}")
     if groups > LIMITS["groups"] or width > 32:
         raise _fail(f"groups={groups} or length width={width} out of range")
+    if E >= T:
+        raise _fail(f"exact tokens E={E} must be below T={T}")
+    Q = T - E
     C = H * D
     S = L * P * C
     end = len(mv) - CRC.size
@@ -168,10 +176,11 @@ def unpack(data: bytes | bytearray | memoryview) -> Blob:
     bins = np.frombuffer(take(L * P, "bins"), dtype=np.uint8).reshape(L, P)
     if bins.min() < 3:
         raise _fail(f"bins must be >= 3, found {int(bins.min())}")
+    exact = bytes(take(L * P * E * C * torch.tensor([], dtype=dtype).element_size(), "exact tokens"))
     channel_scaled = tuple(bool(flags & FLAG_CHANNEL_SCALES[p]) for p in range(P))
     scales = []
     for p in range(P):
-        n = C if channel_scaled[p] else T
+        n = C if channel_scaled[p] else Q
         a = np.frombuffer(take(L * n * 2, "scales"), dtype="<u2").reshape(L, n)
         if (a & 0x8000).any() or ((a & 0x7F80) == 0x7F80).any():
             raise _fail("scales must be finite and >= 0")
@@ -199,4 +208,5 @@ def unpack(data: bytes | bytearray | memoryview) -> Blob:
     payload = take(end - pos, "payload")
     if int(lengths.sum()) != len(payload):
         raise _fail(f"stream lengths sum to {int(lengths.sum())} but the payload has {len(payload)} bytes")
-    return Blob(mla, dtype, L, P, T, H, D, groups, bins, channel_scaled, scales, tables, ids, lengths, bytes(payload))
+    return Blob(mla, dtype, L, P, T, H, D, groups, bins, channel_scaled, scales, tables, ids, lengths, bytes(payload),
+                E, exact)

@@ -317,6 +317,8 @@ def test_fuzzed_blobs_raise_codec_error(data: st.DataObject) -> None:
 @example(12, 0x80)  # T
 @example(24, 0x01)  # groups
 @example(26, 0x07)  # length width
+@example(27, 0x07)  # exact tokens E (>= T)
+@example(33, 0x55)  # inside the exact token 0 (after 4 bins bytes)
 def test_forged_blobs_with_valid_crc_raise_codec_error(pos: int, xor: int) -> None:
     body = bytearray(SAMPLE[:-4])
     body[pos] ^= xor
@@ -330,12 +332,30 @@ def test_forged_blobs_with_valid_crc_raise_codec_error(pos: int, xor: int) -> No
         assert y.shape == (2, 2, 7, 1, 6) and bool(torch.isfinite(y).all())
 
 
+def test_exact_tokens_round_trip_bit_exact_and_a_forged_nan_is_refused() -> None:
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = (torch.randn(2, 2, 9, 1, 4, generator=g) * 50).to(dtype)
+        for e, want in ((0, 0), (3, 3), (100, 8)):  # at least one token is always quantized
+            blob = codec.encode(x, config=CodecConfig(exact_leading_tokens=e), backend="reference")
+            assert codec.inspect(blob)["exact_tokens"] == want
+            y = codec.decode(blob)
+            assert torch.equal(y[:, :, :want], x[:, :, :want]) and y.dtype == dtype
+    parsed = fmt.unpack(SAMPLE)
+    assert parsed.exact_tokens == 1
+    parsed.exact = np.full(len(parsed.exact) // 4, np.nan, dtype="<f4").tobytes()
+    _decode_all_backends(fmt.pack(parsed))
+
+
 def test_huge_header_sizes_are_refused_before_allocation() -> None:
-    head = fmt.HEADER.pack(fmt.MAGIC, fmt.VERSION, 0, 1, 2, 4096, 1 << 24, 4096, 65536, 0, 8)
+    head = fmt.HEADER.pack(fmt.MAGIC, fmt.VERSION, 0, 1, 2, 4096, 1 << 24, 4096, 65536, 0, 8, 0)
     _decode_all_backends(_reseal(head))
-    head = fmt.HEADER.pack(fmt.MAGIC, fmt.VERSION, 0, 1, 2, 1, 1000, 1, 1, 0, 8)  # claims 4000 bytes of scales
+    head = fmt.HEADER.pack(fmt.MAGIC, fmt.VERSION, 0, 1, 2, 1, 1000, 1, 1, 0, 8, 0)  # claims 4000 bytes of scales
     _decode_all_backends(_reseal(head + b"\x03\x03"))
-    _decode_all_backends(_reseal(b"LKCG" + bytes([2]) + SAMPLE[5:-4]))  # unknown version
+    head = fmt.HEADER.pack(fmt.MAGIC, fmt.VERSION, 0, 1, 2, 1, 1000, 1, 1, 0, 8, 999)  # 15984 exact bytes claimed
+    _decode_all_backends(_reseal(head + b"\x03\x03"))
+    _decode_all_backends(_reseal(b"LKCG" + bytes([3]) + SAMPLE[5:-4]))  # unknown version
+    _decode_all_backends(_reseal(b"LKCG" + bytes([1]) + SAMPLE[5:-4]))  # version 1 (no E field) is foreign now
     _decode_all_backends(b"PK\x03\x04" + SAMPLE[4:])  # foreign magic
 
 

@@ -110,14 +110,16 @@ def resolve_bins(config: CodecConfig | None, num_layers: int, planes: int = 2) -
 
 
 def inspect(blob: bytes | bytearray | memoryview) -> dict[str, Any]:
-    """Geometry, dtype, bins and bytes per part (payload, tables, scales, meta) of a blob; CodecError if bad."""
+    """Geometry, dtype, bins, exact leading tokens and bytes per part (payload, tables, scales, exact, meta) of a
+    blob; CodecError if bad."""
     parsed = fmt.unpack(blob)
     values = parsed.L * parsed.P * parsed.T * parsed.C
     sections = parsed.section_bytes()
     shape = (parsed.L, 1, parsed.T, parsed.D) if parsed.mla else (parsed.L, parsed.P, parsed.T, parsed.H, parsed.D)
     return {
         "shape": shape,
-        "dtype": parsed.dtype, "groups": parsed.groups, "bins": parsed.bins.copy(), "bytes": sections,
+        "dtype": parsed.dtype, "groups": parsed.groups, "bins": parsed.bins.copy(),
+        "exact_tokens": parsed.exact_tokens, "bytes": sections,
         "bits_per_value": {k: 8 * v / values for k, v in sections.items()},
     }
 
