@@ -403,9 +403,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--oracle", action="store_true",
                    help="select by every layer's deviation from the full prefill (an upper bound, not deployable)")
     args = p.parse_args(argv)
-    cfg = BlendConfig()
-    cfg = BlendConfig(check_layers=tuple(int(x) for x in args.check_layers.split(",")) if args.check_layers
-                      else cfg.check_layers, deviation=args.deviation or cfg.deviation)
+    overrides: dict[str, Any] = {}
+    if args.check_layers:
+        overrides["check_layers"] = tuple(int(x) for x in args.check_layers.split(","))
+    if args.deviation:
+        overrides["deviation"] = args.deviation
+    cfg = BlendConfig(**overrides)
     if args.small or small():
         args.docs, args.questions, args.filler, args.max_new = 3, 2, 2, 6
     torch.set_grad_enabled(False)

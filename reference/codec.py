@@ -3,6 +3,10 @@
 The chunk ``x`` is ``[L, 2, T, H, D]`` (layers, K/V plane, tokens, KV heads, head dim) or, for MLA, ``[L, 1, T, D]``
 (treated as ``H = 1``). Write ``P`` for the planes (2 or 1) and ``C = H * D`` for the channels of one plane.
 
+0. **Exact leading tokens.** The first ``E = min(exact_leading_tokens, T - 1)`` tokens are stored as they are, in
+   the chunk's dtype, and steps 1-4 see only the other ``Q = T - E`` tokens. Token 0 of a sequence is the
+   attention sink: every later token attends to it, so its quantization error costs far more than its share.
+
 1. **Quantize** (CacheGen: per token vector). For every (layer l, plane p, token t) the scale is the absolute
    maximum over the ``C`` channels, rounded *up* to bfloat16 so that ``|x| <= scale`` still holds::
 

@@ -176,7 +176,7 @@ def unpack(data: bytes | bytearray | memoryview) -> Blob:
     bins = np.frombuffer(take(L * P, "bins"), dtype=np.uint8).reshape(L, P)
     if bins.min() < 3:
         raise _fail(f"bins must be >= 3, found {int(bins.min())}")
-    exact = bytes(take(L * P * E * C * torch.tensor([], dtype=dtype).element_size(), "exact tokens"))
+    exact = bytes(take(L * P * E * C * dtype.itemsize, "exact tokens"))
     channel_scaled = tuple(bool(flags & FLAG_CHANNEL_SCALES[p]) for p in range(P))
     scales = []
     for p in range(P):

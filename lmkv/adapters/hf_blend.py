@@ -43,15 +43,6 @@ def chunk_spans(tokens: list[int], sep: list[int], engine: KVEngine) -> list[tup
     return [(s, e, key) for s, e, key in engine.db.segments(tokens, sep) if tokens[e : e + m] == sep]
 
 
-@torch.no_grad()
-def _prefill_alone(model: Any, ids: list[int]) -> torch.Tensor:
-    """KV ``[L, 2, T, H, D]`` of ``ids`` prefilled on their own, positions 0..T-1."""
-    from lmkv.adapters.hf import cache_to_kv
-
-    out = model(input_ids=torch.tensor([ids]), use_cache=True)
-    return cache_to_kv(out.past_key_values)
-
-
 def blended_cache(model: Any, input_ids: torch.Tensor, *, engine: KVEngine, tokenizer: Any = None,
                   separator: Sequence[int] | None = None, ratio: float | None = None) -> tuple[Any, int, dict]:
     """``(cache for generate, cached tokens, stats)`` for a prompt of separated chunks.
@@ -60,7 +51,7 @@ def blended_cache(model: Any, input_ids: torch.Tensor, *, engine: KVEngine, toke
         input_ids: ``[1, N]``.
         ratio: recompute ratio (default ``engine.config.blend.ratio``).
     """
-    from lmkv.blending import Segment, blend_prefill, cache_for_generate
+    from lmkv.blending import Segment, blend_prefill, cache_for_generate, prefill_kv
 
     cfg = engine.config.blend
     tokens = input_ids[0].tolist()
@@ -72,7 +63,7 @@ def blended_cache(model: Any, input_ids: torch.Tensor, *, engine: KVEngine, toke
         fp = hashing.token_fingerprint(tokens[start:end], salt=engine.keyspace.salt)
         kv, _tier = engine.storage.get_with_tier(key, fingerprint=fp)
         if kv is None or tuple(kv.shape) != engine.geometry.chunk_shape(end - start):
-            kv = _prefill_alone(model, tokens[start:end]).to(engine.geometry.dtype)
+            kv = prefill_kv(model, tokens[start:end])[0].to(engine.geometry.dtype)  # on its own, from 0
             engine.storage.put(key, kv, fingerprint=fp)
             stored += end - start
         else:
