@@ -216,7 +216,7 @@ class KVEngine:
         return dict(self._last_tiers)
 
     # -- paged forms ---------------------------------------------------------------------------------------
-    def store_paged(self, tokens: Any, kv_caches: Any, slot_mapping: torch.Tensor, *, layout: str,
+    def store_paged(self, tokens: Any, kv_caches: Any, slot_mapping: torch.Tensor, *, layout: Any,
                     start: int = 0) -> int:
         """Gather ``tokens[start:len(slot_mapping)]`` from a paged cache and store their chunks.
 
@@ -237,7 +237,7 @@ class KVEngine:
         kv = paged.gather(kv_caches, slot_mapping[lo:total], layout=layout)
         return self.store(toks[:total], kv, offset=lo)
 
-    def retrieve_paged(self, tokens: Any, kv_caches: Any, slot_mapping: torch.Tensor, *, layout: str,
+    def retrieve_paged(self, tokens: Any, kv_caches: Any, slot_mapping: torch.Tensor, *, layout: Any,
                        start: int = 0, end: int | None = None) -> int:
         """Scatter the stored KV of ``tokens[start:end]`` into a paged cache; returns the tokens loaded (<= end).
 

@@ -2,7 +2,9 @@
 
 Limits: CPU tensors only. Moves raw bytes through each tensor's own strides, parallel over (layer, plane, token)
 with at::parallel_for; memcpy per token row (or per head) when the innermost dims are contiguous on both sides,
-element by element otherwise. Arguments are validated by ``lmkv.ops.paged.validate`` before this runs.
+element by element otherwise. A :class:`~lmkv.layouts.BlockMap` layout goes to the ``*_mapped`` ops, which
+address each element through the map's offset table (memcpy per head where a table row is a run of consecutive
+elements). Arguments are validated by ``lmkv.ops.paged.validate`` before this runs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lmkv.layouts import BlockMap
 from lmkv.optimized.ext import load_component
 from lmkv.reference import paged as ref
 
@@ -23,15 +26,23 @@ def unavailable_reason(device: str) -> str | None:
     return None if device == "cpu" else "the paged C++ op runs on CPU tensors only"
 
 
-def gather(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch.Tensor, *, layout: str,
+def gather(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch.Tensor, *, layout: str | BlockMap,
            out: torch.Tensor | None = None) -> torch.Tensor:
     if out is None:
         out = ref.new_chunk(kv_caches, slot_mapping, layout)
-    torch.ops.lmkv.paged_gather(ref.layer_tensors(kv_caches, layout), slot_mapping, out, ref.LAYOUT_CODES[layout])
+    layers = ref.layer_tensors(kv_caches, layout)
+    if isinstance(layout, BlockMap):
+        torch.ops.lmkv.paged_gather_mapped(layers, slot_mapping, layout.offsets, out)
+    else:
+        torch.ops.lmkv.paged_gather(layers, slot_mapping, out, ref.LAYOUT_CODES[layout])
     num_tokens = slot_mapping.shape[0]
     return out if out.shape[2] == num_tokens else out.narrow(2, 0, num_tokens)
 
 
 def scatter(chunk: torch.Tensor, kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch.Tensor, *,
-            layout: str) -> None:
-    torch.ops.lmkv.paged_scatter(chunk, ref.layer_tensors(kv_caches, layout), slot_mapping, ref.LAYOUT_CODES[layout])
+            layout: str | BlockMap) -> None:
+    layers = ref.layer_tensors(kv_caches, layout)
+    if isinstance(layout, BlockMap):
+        torch.ops.lmkv.paged_scatter_mapped(chunk, layers, slot_mapping, layout.offsets)
+    else:
+        torch.ops.lmkv.paged_scatter(chunk, layers, slot_mapping, ref.LAYOUT_CODES[layout])

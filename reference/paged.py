@@ -16,6 +16,11 @@ Engine layouts (``kv_caches`` is a list of L per-layer tensors, or one tensor fo
     blocks_first_hnd    [NB, 2, H, BS, D]         layer[b, p, h, o, d]
     mla                 [NB, BS, D]               layer[b, o, d]              (p = h = 0)
     cross_layer         [NB, L, 2, BS, H, D]      kv[b, l, p, o, h, d]        one tensor for every layer
+    BlockMap(offsets)   [NB, ...] (blocks first)  layer[b].flatten()[offsets[p, o, h, d]]
+
+A :class:`lmkv.layouts.BlockMap` is passed as ``layout`` for blocks whose inside no stride per axis describes
+(vLLM's CPU kernels: keys head-dim-major beside token-row values, or AMX-packed pairs): a table of where each
+(plane, offset, head, dim) lives inside its block. The chunk is ``[L, 2, T, H, D]`` as for the strided layouts.
 
 Every layout is a permutation of the same five (six with the layer) axes, which :data:`LAYOUT_DIMS` records and
 :func:`canonical_layer_views` exploits: the optimized kernels only need, per layer, a base address and the
@@ -38,6 +43,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from lmkv.layouts import BlockMap
 
 LAYOUTS: tuple[str, ...] = ("flash_attn", "blocks_first", "flash_attn_hnd", "blocks_first_hnd", "mla", "cross_layer")
 
@@ -63,7 +70,10 @@ def as_bytes_dtype(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BYTES_AS_INT[t.element_size()])
 
 
-def layer_tensors(kv_caches: torch.Tensor | Sequence[torch.Tensor], layout: str) -> list[torch.Tensor]:
+Layout = str | BlockMap
+
+
+def layer_tensors(kv_caches: torch.Tensor | Sequence[torch.Tensor], layout: Layout) -> list[torch.Tensor]:
     """The engine tensors as a list: L per-layer tensors, or ``[kv]`` for ``cross_layer``."""
     if isinstance(kv_caches, torch.Tensor):
         if layout != "cross_layer":
@@ -72,25 +82,27 @@ def layer_tensors(kv_caches: torch.Tensor | Sequence[torch.Tensor], layout: str)
     return list(kv_caches)
 
 
-def geometry_of(kv_caches: torch.Tensor | Sequence[torch.Tensor], layout: str) -> tuple[int, int, int, torch.dtype,
-                                                                                         int, int]:
+def geometry_of(kv_caches: torch.Tensor | Sequence[torch.Tensor], layout: Layout
+                ) -> tuple[int, int, int, torch.dtype, int, int]:
     """``(L, H, D, dtype, num_blocks, block_size)`` of engine tensors in ``layout`` (H = 1 for MLA)."""
     layers = layer_tensors(kv_caches, layout)
     first = layers[0]
+    if isinstance(layout, BlockMap):
+        return len(layers), layout.heads, layout.head_dim, first.dtype, first.shape[0], layout.block_size
     dl, _, db, do, dh, dd = LAYOUT_DIMS[layout]
     num_layers = first.shape[dl] if dl >= 0 else len(layers)
     heads = first.shape[dh] if dh >= 0 else 1
     return num_layers, heads, first.shape[dd], first.dtype, first.shape[db], first.shape[do]
 
 
-def chunk_shape(num_layers: int, num_tokens: int, heads: int, head_dim: int, layout: str) -> tuple[int, ...]:
+def chunk_shape(num_layers: int, num_tokens: int, heads: int, head_dim: int, layout: Layout) -> tuple[int, ...]:
     """``[L, 2, T, H, D]``, or ``[L, 1, T, D]`` for MLA."""
     if layout == "mla":
         return (num_layers, 1, num_tokens, head_dim)
     return (num_layers, 2, num_tokens, heads, head_dim)
 
 
-def new_chunk(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch.Tensor, layout: str
+def new_chunk(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch.Tensor, layout: Layout
               ) -> torch.Tensor:
     """A fresh chunk for ``gather(out=None)``: zero-filled when some slot is skipped, so skipped rows read 0."""
     num_layers, heads, head_dim, dtype, _, _ = geometry_of(kv_caches, layout)
@@ -165,14 +177,48 @@ def _per_layer(kv_caches: torch.Tensor | Sequence[torch.Tensor], layout: str) ->
     return [as_bytes_dtype(t) for t in layer_tensors(kv_caches, layout)], layout
 
 
-def gather(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch.Tensor, *, layout: str,
+def _blocks(layer: torch.Tensor, block_map: BlockMap) -> torch.Tensor:
+    """One layer's blocks as a raw-byte ``[NB, span]`` view: row b is block b's first ``span`` elements."""
+    raw = as_bytes_dtype(layer)
+    return raw.as_strided((raw.shape[0], block_map.span), (raw.stride(0), 1))
+
+
+def _mapped_cells(slot_mapping: torch.Tensor, block_map: BlockMap) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    """``(rows, blocks, cells)``: kept token positions ``[T']``, their blocks ``[1, T', 1, 1]`` and the element
+    of each (plane, token, head, dim) inside its block, ``[2, T', H, D]``."""
+    rows = torch.nonzero(slot_mapping >= 0).flatten()
+    slots = slot_mapping[rows]
+    offsets = block_map.offsets.to(slot_mapping.device)
+    cells = offsets[:, slots % block_map.block_size]
+    return rows, (slots // block_map.block_size).view(1, -1, 1, 1), cells
+
+
+def _gather_mapped(layers: list[torch.Tensor], slot_mapping: torch.Tensor, block_map: BlockMap,
+                   chunk: torch.Tensor) -> torch.Tensor:
+    rows, blocks, cells = _mapped_cells(slot_mapping, block_map)
+    target = as_bytes_dtype(chunk)
+    for layer, cache in enumerate(layers):
+        target[layer].index_copy_(1, rows, _blocks(cache, block_map)[blocks, cells])
+    return chunk
+
+
+def _scatter_mapped(chunk: torch.Tensor, layers: list[torch.Tensor], slot_mapping: torch.Tensor,
+                    block_map: BlockMap) -> None:
+    rows, blocks, cells = _mapped_cells(slot_mapping, block_map)
+    source = as_bytes_dtype(chunk)
+    for layer, cache in enumerate(layers):
+        _blocks(cache, block_map)[blocks, cells] = source[layer].index_select(1, rows)
+
+
+def gather(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch.Tensor, *, layout: Layout,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """Copy the KV of ``T = len(slot_mapping)`` tokens from paged engine memory into a chunk.
 
     Args:
         kv_caches: L per-layer tensors in ``layout`` (one ``[NB, L, 2, BS, H, D]`` tensor for cross_layer).
         slot_mapping: int64 ``[T]``; ``slot = block * BS + offset``; negative = skip the token.
-        layout: one of :data:`LAYOUTS`.
+        layout: one of :data:`LAYOUTS`, or a :class:`~lmkv.layouts.BlockMap`.
         out: optional chunk ``[L, 2, >=T, H, D]`` (MLA ``[L, 1, >=T, D]``) written in place.
 
     Returns:
@@ -186,6 +232,8 @@ def gather(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch
         out = new_chunk(kv_caches, slot_mapping, layout)
     num_tokens = slot_mapping.shape[0]
     chunk = out.narrow(2, 0, num_tokens)
+    if isinstance(layout, BlockMap):
+        return _gather_mapped(layer_tensors(kv_caches, layout), slot_mapping, layout, chunk)
     layers, layer_layout = _per_layer(kv_caches, layout)
     block_size = geometry_of(kv_caches, layout)[5]
     rows = torch.nonzero(slot_mapping >= 0).flatten()        # token positions that are not skipped
@@ -198,7 +246,7 @@ def gather(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch
 
 
 def scatter(chunk: torch.Tensor, kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch.Tensor, *,
-            layout: str) -> None:
+            layout: Layout) -> None:
     """Write a chunk's KV into paged engine memory: the inverse of :func:`gather`.
 
     For every ``t`` with ``slot[t] >= 0``: ``cache_l[p, slot[t] // BS, slot[t] % BS] = chunk[l, p, t]``
@@ -206,6 +254,9 @@ def scatter(chunk: torch.Tensor, kv_caches: torch.Tensor | Sequence[torch.Tensor
     on the non-skipped rows.
     """
     num_tokens = slot_mapping.shape[0]
+    if isinstance(layout, BlockMap):
+        return _scatter_mapped(chunk.narrow(2, 0, num_tokens), layer_tensors(kv_caches, layout), slot_mapping,
+                               layout)
     source = as_bytes_dtype(chunk.narrow(2, 0, num_tokens))
     layers, layer_layout = _per_layer(kv_caches, layout)
     block_size = geometry_of(kv_caches, layout)[5]

@@ -47,7 +47,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from lmkv import config as lmkv_config
+from lmkv.adapters.vllm_layout import VERIFIED_ISAS, calibrate, cpu_attn_block_map
 from lmkv.errors import ConfigError, GeometryMismatch
+from lmkv.layouts import BlockMap
 from lmkv.types import KVGeometry
 
 log = logging.getLogger("lmkv.vllm")
@@ -133,43 +135,54 @@ def slot_mapping_for(block_ids: list[int], block_size: int, num_tokens: int, *, 
     return slots
 
 
-def layer_views(kv_caches: dict[str, torch.Tensor], backend_name: str | None, *, num_kv_heads: int,
-                head_dim: int) -> tuple[list[torch.Tensor], str, int]:
-    """Per-layer views of vLLM's KV tensors in an lmkv layout: ``(views, layout, kernel_block_size)``.
-
-    vLLM's CPU attention keeps each layer as ``[NB, H, BS, 2*D]`` and reads it as ``[NB, H, 2*BS, D]``: per
-    block and head, BS key rows then BS value rows, i.e. physically ``[NB, H, 2, BS, D]``. Its permuted view
-    ``[NB, 2, H, BS, D]`` is lmkv's ``blocks_first_hnd`` (no copy; lmkv's kernels take strided views).
-    5-D tensors (GPU backends of other vLLM versions) are matched by ``lmkv.ops.paged.detect_layout``.
-    """
-    from lmkv.ops import paged
-
+def _uniform(kv_caches: dict[str, torch.Tensor]) -> torch.Tensor:
     tensors = list(kv_caches.values())
     first = tensors[0]
-    if any(t.shape != first.shape or t.dtype != first.dtype for t in tensors):
-        raise _refuse("layers have KV tensors of different shapes or dtypes (hybrid model); not supported")
-    if first.dim() == 4:
-        nb, h, bs, c = first.shape
-        cpu_like = backend_name in (None, "CPU_ATTN") or (backend_name or "").startswith("CPU")
-        if not cpu_like or h != num_kv_heads or c != 2 * head_dim or first.stride(-1) != 1:
-            raise _refuse(f"4-D KV tensor {tuple(first.shape)} of attention backend {backend_name!r} is not the "
-                          f"CPU layout [NB, H={num_kv_heads}, BS, 2*D={2 * head_dim}]")
-        views = []
-        for t in tensors:
-            if t.stride(2) != c or t.stride(1) != bs * c:
-                raise _refuse(f"CPU KV tensor with unexpected strides {t.stride()} for shape {tuple(t.shape)}")
-            views.append(t.view(nb, h, 2, bs, head_dim).permute(0, 2, 1, 3, 4))
-        return views, "blocks_first_hnd", bs
-    if first.dim() == 5:
-        try:
-            layout = paged.detect_layout(tensors, num_kv_heads=num_kv_heads, head_dim=head_dim)
-        except ValueError as exc:
-            raise _refuse(f"cannot place KV tensors of shape {tuple(first.shape)} from backend {backend_name!r}: "
-                          f"{exc}") from None
-        bs = first.shape[paged.LAYOUT_DIMS[layout][3]]
-        return tensors, layout, int(bs)
-    raise _refuse(f"KV tensors of shape {tuple(first.shape)} from backend {backend_name!r} (MLA or unknown layout) "
-                  "are not supported")
+    if any(t.shape != first.shape or t.dtype != first.dtype or t.stride() != first.stride() for t in tensors):
+        raise _refuse("layers have KV tensors of different shapes, dtypes or strides (hybrid model); not supported")
+    return first
+
+
+def cpu_block_map(kv_caches: dict[str, torch.Tensor], layer: Any, backend_name: str | None, *, num_kv_heads: int,
+                  head_dim: int) -> BlockMap:
+    """The proven layout of vLLM's CPU KV tensors: a BlockMap of the layer's kernel, checked by calibration.
+
+    ``layer`` is one of the model's vLLM ``Attention`` modules (its ``isa`` names the CPU kernel and its
+    ``impl.do_kv_cache_update`` is vLLM's own cache write). Raises :class:`UnsupportedVllmSetup` naming backend,
+    kernel and dtype for anything not proven: another backend, an unverified kernel, a layout that differs from
+    what lmkv's tests verified (see :mod:`lmkv.adapters.vllm_layout`).
+    """
+    first = _uniform(kv_caches)
+    dtype = str(first.dtype).removeprefix("torch.")
+    if backend_name != "CPU_ATTN":
+        raise _refuse(f"attention backend {backend_name!r} ({dtype} KV of shape {tuple(first.shape)}): its KV layout "
+                      f"is not verified by lmkv's tests; supported: CPU_ATTN with kernels {'/'.join(VERIFIED_ISAS)}")
+    if first.dim() != 4 or first.shape[1] != num_kv_heads or first.shape[3] != 2 * head_dim:
+        raise _refuse(f"CPU_ATTN KV tensor {tuple(first.shape)} is not [NB, H={num_kv_heads}, BS, 2*D={2 * head_dim}]")
+    if not first[0].is_contiguous():
+        raise _refuse(f"CPU_ATTN KV tensor with non-contiguous blocks (strides {first.stride()})")
+    block_size = int(first.shape[2])
+    isa = getattr(layer, "isa", None)
+    what = f"attention backend CPU_ATTN, kernel {isa!r}, dtype {dtype}, block size {block_size}, head size {head_dim}"
+    if isa not in VERIFIED_ISAS:
+        raise _refuse(f"{what}: kernel not verified by lmkv's tests (verified: {'/'.join(VERIFIED_ISAS)})")
+    expected = cpu_attn_block_map(isa, block_size, num_kv_heads, head_dim, first.dtype)
+    if expected is None:
+        raise _refuse(f"{what}: lmkv knows no layout of this kernel for these sizes")
+
+    def write(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
+        layer.impl.do_kv_cache_update(layer, key, value, cache, slots)
+
+    try:
+        measured = calibrate(write, tuple(first.shape[1:]), first.dtype, block_size=block_size,
+                             heads=num_kv_heads, head_dim=head_dim, name=what)
+    except Exception as exc:  # noqa: BLE001 - any failure to measure is a refusal, never a guess
+        raise _refuse(f"{what}: calibrating the layout with vLLM's cache write failed: {exc}") from exc
+    if not torch.equal(measured.offsets, expected.offsets):
+        bad = int((measured.offsets != expected.offsets).sum())
+        raise _refuse(f"{what}: vLLM's cache write puts {bad} of {expected.offsets.numel()} elements of a block "
+                      "elsewhere than the layout lmkv verified; refusing to serve")
+    return expected
 
 
 # One engine per (configuration, geometry, model, rank) and process: when vLLM runs the scheduler and the
@@ -239,7 +252,7 @@ class LmkvConnector(KVConnectorBase_V1):
         self._probe_engine: Any = None
         # worker state
         self._kv_views: list[torch.Tensor] | None = None
-        self._layout: str | None = None
+        self._layout: BlockMap | None = None
         self._load_errors: set[int] = set()
         self._rank = 0
         self._event("init", role=role.name, vllm=VLLM_VERSION)
@@ -303,27 +316,37 @@ class LmkvConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         if not kv_caches:
             raise _refuse("register_kv_caches got no KV tensors")
-        backend = self._backend_name(next(iter(kv_caches)))
-        views, layout, kernel_bs = layer_views(kv_caches, backend, num_kv_heads=self.geometry.num_kv_heads,
-                                               head_dim=self.geometry.head_dim)
+        name = next(iter(kv_caches))
+        layer = self._layer(name)
+        backend = self._backend_name(layer)
+        block_map = cpu_block_map(kv_caches, layer, backend, num_kv_heads=self.geometry.num_kv_heads,
+                                  head_dim=self.geometry.head_dim)
+        views = list(kv_caches.values())
         first = views[0]
         if len(views) != self.geometry.num_layers or first.dtype != self.geometry.dtype:
             raise GeometryMismatch(f"vLLM registered {len(views)} layers of {first.dtype}, model config says "
                                    f"{self.geometry.num_layers} of {self.geometry.dtype}")
+        kernel_bs = block_map.block_size
         if self.block_size % kernel_bs:
             raise _refuse(f"kernel block size {kernel_bs} does not divide block_size {self.block_size}")
-        self._kv_views, self._layout = views, layout
+        self._kv_views, self._layout = views, block_map
         self._rank = self._tp_rank()
         self._engine = shared_engine(self.lmkv_config, self.geometry, self.model_id, self._rank, self.world_size,
                                      create=True)
-        self._event("register", layout=layout, backend=backend, layers=len(views), shape=list(first.shape),
-                    kernel_block_size=kernel_bs, rank=self._rank)
-        log.info("LmkvConnector: %d layers, layout %s (backend %s), geometry %s", len(views), layout, backend,
+        self._event("register", layout=block_map.name, backend=backend, kernel=getattr(layer, "isa", None),
+                    layers=len(views), shape=list(first.shape), kernel_block_size=kernel_bs, rank=self._rank)
+        log.info("LmkvConnector: %d layers, layout %s (calibrated), geometry %s", len(views), block_map.name,
                  self.geometry.tag())
 
-    def _backend_name(self, layer_name: str) -> str | None:
+    def _layer(self, layer_name: str) -> Any:
         ctx = getattr(self._vcfg.compilation_config, "static_forward_context", None) or {}
         layer = ctx.get(layer_name)
+        if layer is None:
+            raise _refuse(f"layer {layer_name!r} is not in vLLM's forward context; cannot tell its attention kernel")
+        return layer
+
+    @staticmethod
+    def _backend_name(layer: Any) -> str | None:
         backend = getattr(layer, "attn_backend", None)
         try:
             return backend.get_name() if backend is not None else None
@@ -546,4 +569,4 @@ def _shared_tier_lookup(engine: Any, tokens: list[int]) -> int:
 
 
 __all__ = ["LmkvConnector", "LmkvConnectorMetadata", "LoadSpec", "SaveSpec", "UnsupportedVllmSetup",
-           "layer_views", "slot_mapping_for", "TESTED_VLLM"]
+           "cpu_block_map", "slot_mapping_for", "TESTED_VLLM"]

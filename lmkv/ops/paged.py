@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lmkv._dispatch import Backend, Op, register
+from lmkv.layouts import BlockMap
 from lmkv.reference import paged as ref
 from lmkv.types import DTYPE_NAMES
 
@@ -28,9 +29,11 @@ geometry_of = ref.geometry_of
 _NDIM = {"flash_attn": 5, "blocks_first": 5, "flash_attn_hnd": 5, "blocks_first_hnd": 5, "mla": 3, "cross_layer": 6}
 
 
-def _check_layout(layout: object) -> str:
+def _check_layout(layout: object) -> str | BlockMap:
+    if isinstance(layout, BlockMap):
+        return layout
     if not isinstance(layout, str) or layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise ValueError(f"layout must be one of {LAYOUTS} or a lmkv.layouts.BlockMap, got {layout!r}")
     return layout
 
 
@@ -41,7 +44,7 @@ _CHECKED: dict[tuple, list[weakref.ref]] = {}
 _CHECKED_MAX = 32
 
 
-def _check_caches(kv_caches: object, layout: str) -> list[torch.Tensor]:
+def _check_caches(kv_caches: object, layout: str | BlockMap) -> list[torch.Tensor]:
     """The engine tensors as a list, after checking that they agree with each other and with ``layout``."""
     layers = _checked_before(kv_caches, layout)
     if layers is not None:
@@ -53,7 +56,7 @@ def _check_caches(kv_caches: object, layout: str) -> list[torch.Tensor]:
     return layers
 
 
-def _checked_before(kv_caches: object, layout: str) -> list[torch.Tensor] | None:
+def _checked_before(kv_caches: object, layout: str | BlockMap) -> list[torch.Tensor] | None:
     if isinstance(kv_caches, torch.Tensor):
         layers = [kv_caches]
     elif isinstance(kv_caches, (list, tuple)):
@@ -66,7 +69,9 @@ def _checked_before(kv_caches: object, layout: str) -> list[torch.Tensor] | None
     return layers
 
 
-def _check_caches_fully(kv_caches: object, layout: str) -> list[torch.Tensor]:
+def _check_caches_fully(kv_caches: object, layout: str | BlockMap) -> list[torch.Tensor]:
+    if isinstance(kv_caches, torch.Tensor) and isinstance(layout, BlockMap):
+        raise TypeError("kv_caches must be a list of per-layer tensors for a BlockMap layout, got one tensor")
     if isinstance(kv_caches, torch.Tensor):
         if layout != "cross_layer":
             raise TypeError(f"kv_caches must be a list of per-layer tensors for layout {layout!r}, got one tensor "
@@ -85,7 +90,9 @@ def _check_caches_fully(kv_caches: object, layout: str) -> list[torch.Tensor]:
         raise TypeError(f"kv_caches[0] must be a torch.Tensor, got {type(first).__name__}")
     if first.dtype not in DTYPE_NAMES:
         raise TypeError(f"kv_caches dtype {first.dtype} is not supported (supported: {list(DTYPE_NAMES)})")
-    if first.dim() != _NDIM[layout]:
+    if isinstance(layout, BlockMap):
+        _check_mapped_blocks(first, layout)
+    elif first.dim() != _NDIM[layout]:
         raise ValueError(f"kv_caches[0] has shape {tuple(first.shape)}; layout {layout!r} needs {_NDIM[layout]} dims")
     shape, dtype, device = first.shape, first.dtype, first.device
     try:  # one pass over the layers in C speed; the loop below only runs to name the odd one out
@@ -101,12 +108,27 @@ def _check_caches_fully(kv_caches: object, layout: str) -> list[torch.Tensor]:
             raise TypeError(f"kv_caches[{i}] has dtype {t.dtype}, kv_caches[0] has {dtype}")
         if t.device != device:
             raise ValueError(f"kv_caches[{i}] is on {t.device}, kv_caches[0] is on {device}")
-    _, dp, _, _, _, _ = LAYOUT_DIMS[layout]
+    _, dp, _, _, _, _ = (-1,) * 6 if isinstance(layout, BlockMap) else LAYOUT_DIMS[layout]
     if dp >= 0 and first.shape[dp] != 2:
         raise ValueError(f"kv_caches has shape {tuple(shape)}: the K/V axis (dim {dp}) of layout {layout!r} must be 2")
     if first.numel() == 0:
         raise ValueError(f"kv_caches has an empty shape {tuple(shape)}")
     return layers
+
+
+def _check_mapped_blocks(first: torch.Tensor, block_map: BlockMap) -> None:
+    """A BlockMap addresses ``tensor[b]`` as a flat run of elements: each block contiguous, none overlapping."""
+    if first.dim() < 2:
+        raise ValueError(f"kv_caches[0] has shape {tuple(first.shape)}; a BlockMap layout needs [NB, ...] with the "
+                         "blocks first")
+    block = first[0]
+    if not block.is_contiguous():
+        raise ValueError(f"kv_caches[0] blocks are not contiguous (strides {first.stride()}); a BlockMap layout "
+                         "addresses each block as one run of elements")
+    if block.numel() < block_map.span:
+        raise ValueError(f"kv_caches[0] blocks hold {block.numel()} elements, {block_map!r} addresses {block_map.span}")
+    if first.shape[0] > 1 and first.stride(0) < block_map.span:
+        raise ValueError(f"kv_caches[0] blocks overlap (block stride {first.stride(0)} < span {block_map.span})")
 
 
 def _check_slots(slot_mapping: object, capacity: int, device: torch.device, *, distinct: bool) -> None:
@@ -135,7 +157,8 @@ def _check_slots(slot_mapping: object, capacity: int, device: torch.device, *, d
             raise ValueError("slot_mapping has duplicate slots: scatter targets must be distinct")
 
 
-def _check_chunk(chunk: object, name: str, want: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+def _check_chunk(chunk: object, name: str, want: tuple[int, ...], dtype: torch.dtype, device: torch.device
+                 ) -> None:
     if not isinstance(chunk, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(chunk).__name__}")
     if chunk.dtype != dtype:

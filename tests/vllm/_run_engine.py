@@ -63,7 +63,7 @@ def main(plan_path: str, out_path: str) -> None:
         )
     t0 = time.perf_counter()
     llm = LLM(model=plan["model"], enforce_eager=True, block_size=plan.get("block_size", 32),
-              max_model_len=plan.get("max_model_len", 512), dtype="bfloat16",
+              max_model_len=plan.get("max_model_len", 512), dtype=plan.get("dtype", "bfloat16"),
               enable_prefix_caching=plan.get("prefix_caching", False),
               max_num_batched_tokens=plan.get("max_num_batched_tokens", 512),
               enable_chunked_prefill=True, seed=0, **kwargs)

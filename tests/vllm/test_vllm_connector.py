@@ -175,7 +175,9 @@ def _loads(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_roles_run_in_separate_processes_and_layout_is_detected(runs: dict[str, Any]) -> None:
     ev = runs["store_events"]
     (reg,) = _by(ev, "register")
-    assert reg["layout"] == "blocks_first_hnd" and reg["layers"] == 30 and reg["kernel_block_size"] == BLOCK
+    # vLLM's CPU kernel for bf16 (vec, or amx on a CPU with AMX), proven by calibration at registration
+    assert reg["layout"] == f"vllm CPU_ATTN/{reg['kernel']} bfloat16" and reg["kernel"] in ("vec", "amx")
+    assert reg["layers"] == 30 and reg["kernel_block_size"] == BLOCK
     sched_pids = {e["pid"] for e in ev if e["role"] == "SCHEDULER"}
     worker_pids = {e["pid"] for e in ev if e["role"] == "WORKER"}
     assert sched_pids and worker_pids and not sched_pids & worker_pids

@@ -1,49 +1,125 @@
-"""Fast checks of the connector's pieces that need vllm importable but no engine: layout views, slot mappings,
-and a store/retrieve round trip through vLLM's CPU cache layout with a real KVEngine."""
+"""Fast checks of the connector's pieces that need vllm importable but no engine: the proven CPU layouts (lmkv's
+view of a block against what vLLM's own cache-write op put there), refusals, slot mappings, and a
+store/retrieve round trip through vLLM's CPU cache with a real KVEngine."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from lmkv.adapters.vllm import UnsupportedVllmSetup, layer_views, slot_mapping_for
+from lmkv.adapters.vllm import UnsupportedVllmSetup, cpu_block_map, slot_mapping_for
+from lmkv.ops import paged
 
 pytestmark = pytest.mark.vllm
 
-
-def _cpu_cache(nb: int = 6, h: int = 3, bs: int = 32, d: int = 16, dtype: torch.dtype = torch.bfloat16,
-               seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(nb, h, bs, 2 * d, generator=g).to(dtype)
-
-
-def _vllm_kv(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exactly how vLLM's CPU attention reads its cache (cpu_attn.py): [NB, H, 2*BS, D] split at dim 2."""
-    nb, h, bs, c = cache.shape
-    return cache.view(nb, h, 2 * bs, c // 2).chunk(2, dim=2)
+# (kernel, dtype, head size): every CPU kernel lmkv accepts, at head sizes vLLM picks it for.
+KERNELS = [("vec", torch.float32, 64), ("vec", torch.bfloat16, 64), ("vec", torch.float16, 32),
+           ("vec16", torch.float32, 80), ("vec16", torch.bfloat16, 48), ("amx", torch.bfloat16, 64),
+           ("amx", torch.bfloat16, 128)]
 
 
-def test_cpu_view_is_blocks_first_hnd_and_matches_vllms_reading() -> None:
-    caches = {f"layer.{i}": _cpu_cache(seed=i) for i in range(2)}
-    views, layout, bs = layer_views(caches, "CPU_ATTN", num_kv_heads=3, head_dim=16)
-    assert layout == "blocks_first_hnd" and bs == 32
-    for cache, view in zip(caches.values(), views):
-        key, value = _vllm_kv(cache)
-        assert view.shape == (6, 2, 3, 32, 16)
-        assert view.data_ptr() == cache.data_ptr()  # a view, not a copy
-        assert torch.equal(view[:, 0], key) and torch.equal(view[:, 1], value)
+def _layer(isa: str, heads: int, head_dim: int) -> SimpleNamespace:
+    """A stand-in for vLLM's Attention module: vLLM's real CPU impl (its do_kv_cache_update) and kernel name."""
+    from vllm.v1.attention.backend import AttentionType
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+    # Its __init__ wants a whole model config; do_kv_cache_update reads only these two attributes.
+    impl = CPUAttentionBackendImpl.__new__(CPUAttentionBackendImpl)
+    impl.attn_type, impl.kv_cache_dtype = AttentionType.DECODER, "auto"
+    return SimpleNamespace(isa=isa, impl=impl, attn_backend=CPUAttentionBackend, _k_scale_float=1.0,
+                           _v_scale_float=1.0)
 
 
-def test_cpu_view_refuses_wrong_geometry_and_unknown_tensors() -> None:
-    caches = {"l0": _cpu_cache()}
-    with pytest.raises(UnsupportedVllmSetup, match="CPU layout"):
-        layer_views(caches, "CPU_ATTN", num_kv_heads=4, head_dim=16)
-    with pytest.raises(UnsupportedVllmSetup, match="FLASH_ATTN"):
-        layer_views(caches, "FLASH_ATTN", num_kv_heads=3, head_dim=16)
-    with pytest.raises(UnsupportedVllmSetup, match="MLA or unknown"):
-        layer_views({"l0": torch.zeros(4, 32, 16)}, "CPU_ATTN", num_kv_heads=1, head_dim=16)
+def _vllm_write(layer: SimpleNamespace, cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                slots: torch.Tensor) -> None:
+    layer.impl.do_kv_cache_update(layer, key, value, cache, slots)
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _cache(nb: int, h: int, bs: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(nb, h, bs, 2 * d, dtype=dtype)
+
+
+# Slots that fill blocks partly: both sides of page boundaries, a lone token in a block, out of order.
+SLOTS = [0, 1, 2, 31, 32, 33, 95, 64, 65, 70, 130, 191, 160]
+
+
+@pytest.mark.parametrize(("isa", "dtype", "d"), KERNELS, ids=[f"{k}-{str(t)[6:]}-{d}" for k, t, d in KERNELS])
+def test_lmkv_reads_what_vllms_write_op_put_there(isa: str, dtype: torch.dtype, d: int) -> None:
+    h, bs, nb = 3, 32, 7
+    layer = _layer(isa, h, d)
+    cache = _cache(nb, h, bs, d, dtype)
+    bm = cpu_block_map({"l0": cache}, layer, "CPU_ATTN", num_kv_heads=h, head_dim=d)
+    assert bm.name == f"vllm CPU_ATTN/{isa} {str(dtype)[6:]}"
+    g = torch.Generator().manual_seed(1)
+    slots = torch.tensor(SLOTS, dtype=torch.int64)
+    key = torch.randn(len(SLOTS), h, d, generator=g).to(dtype)
+    value = torch.randn(len(SLOTS), h, d, generator=g).to(dtype)
+    _vllm_write(layer, cache, key, value, slots)
+    for backend in paged.gather.available_backends("cpu"):
+        chunk = paged.gather([cache], slots, layout=bm, backend=backend)       # [1, 2, T, H, D]
+        assert torch.equal(chunk[0, 0], key) and torch.equal(chunk[0, 1], value), backend
+        # ...and lmkv's scatter writes the bytes vLLM's op writes, nothing else
+        mine = _cache(nb, h, bs, d, dtype)
+        paged.scatter(chunk, [mine], slots, layout=bm, backend=backend)
+        assert torch.equal(_raw(mine), _raw(cache)), backend
+
+
+def test_vllms_own_layout_differs_from_the_old_view() -> None:
+    """The defect of lmkv <= 0.x: reading [NB, H, BS, 2D] as 'BS key rows then BS value rows' (blocks_first_hnd)
+    gets vLLM's keys wrong on this kernel, so a block lmkv fills partly mixes two layouts."""
+    h, bs, d = 3, 32, 64
+    layer = _layer("vec", h, d)
+    cache = _cache(2, h, bs, d, torch.float32)
+    key = torch.randn(bs, h, d)
+    _vllm_write(layer, cache, key, torch.randn(bs, h, d), torch.arange(bs, dtype=torch.int64))
+    old = cache.view(2, h, 2, bs, d).permute(0, 2, 1, 3, 4)          # [NB, 2, H, BS, D], the old view
+    old_keys = paged.gather([old], torch.arange(bs), layout="blocks_first_hnd")[0, 0]
+    assert not torch.equal(old_keys, key)
+
+
+def test_refusals_name_backend_kernel_and_dtype() -> None:
+    h, d = 3, 64
+    caches = {"l0": _cache(4, h, 32, d, torch.bfloat16)}
+    with pytest.raises(UnsupportedVllmSetup, match="'FLASH_ATTN'.*not verified"):
+        cpu_block_map(caches, _layer("vec", h, d), "FLASH_ATTN", num_kv_heads=h, head_dim=d)
+    with pytest.raises(UnsupportedVllmSetup, match="kernel 'neon', dtype bfloat16.*not verified"):
+        cpu_block_map(caches, _layer("neon", h, d), "CPU_ATTN", num_kv_heads=h, head_dim=d)
+    with pytest.raises(UnsupportedVllmSetup, match=r"not \[NB, H=4"):
+        cpu_block_map(caches, _layer("vec", h, d), "CPU_ATTN", num_kv_heads=4, head_dim=d)
     with pytest.raises(UnsupportedVllmSetup, match="different shapes"):
-        layer_views({"a": _cpu_cache(), "b": _cpu_cache(nb=5)}, "CPU_ATTN", num_kv_heads=3, head_dim=16)
+        cpu_block_map({"a": caches["l0"], "b": _cache(5, h, 32, d, torch.bfloat16)}, _layer("vec", h, d), "CPU_ATTN",
+                      num_kv_heads=h, head_dim=d)
+    with pytest.raises(UnsupportedVllmSetup, match="knows no layout"):   # amx has no fp32 form
+        cpu_block_map({"l0": _cache(4, h, 32, d, torch.float32)}, _layer("amx", h, d), "CPU_ATTN", num_kv_heads=h,
+                      head_dim=d)
+
+
+def test_refuses_a_kernel_whose_write_differs_from_its_verified_layout() -> None:
+    """The calibration is what proves a layout: a 'vec' kernel whose write op puts keys as token rows is refused."""
+    h, d = 2, 64
+    layer = _layer("vec", h, d)
+    impl = layer.impl
+
+    def token_rows(lay, key, value, cache, slots):       # the layout the old view assumed
+        nb, _, bs, _ = cache.shape
+        v = cache.view(nb, h, 2, bs, d)
+        b, o = slots // bs, slots % bs
+        v[b, :, 0, o] = key
+        v[b, :, 1, o] = value
+
+    layer.impl = SimpleNamespace(do_kv_cache_update=token_rows)
+    with pytest.raises(UnsupportedVllmSetup, match="elsewhere than the layout lmkv verified"):
+        cpu_block_map({"l0": _cache(4, h, 32, d, torch.float32)}, layer, "CPU_ATTN", num_kv_heads=h, head_dim=d)
+    layer.impl = SimpleNamespace(do_kv_cache_update=lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(UnsupportedVllmSetup, match="calibrating the layout.*boom"):
+        cpu_block_map({"l0": _cache(4, h, 32, d, torch.float32)}, layer, "CPU_ATTN", num_kv_heads=h, head_dim=d)
+    assert impl is not None
 
 
 def test_slot_mapping_follows_blocks_and_masks_outside_range() -> None:
@@ -54,35 +130,39 @@ def test_slot_mapping_follows_blocks_and_masks_outside_range() -> None:
         slot_mapping_for([1, 2], 4, 10)
 
 
-def test_engine_round_trip_through_cpu_layout(tmp_path) -> None:
+@pytest.mark.parametrize("isa", ["vec", "amx"])
+def test_engine_round_trip_through_cpu_layout(tmp_path, isa: str) -> None:
+    """Store from vLLM-written blocks, load into other blocks from a mid-block offset; vLLM's layout throughout."""
     from lmkv.engine import KVEngine
     from lmkv.types import KVGeometry
 
-    geo = KVGeometry(2, 3, 16, torch.bfloat16)
-    src = {f"l{i}": _cpu_cache(seed=10 + i) for i in range(2)}
-    dst = {f"l{i}": torch.full_like(src[f"l{i}"], float("nan")) for i in range(2)}  # poison
-    src_views, layout, bs = layer_views(src, "CPU_ATTN", num_kv_heads=3, head_dim=16)
-    dst_views, _, _ = layer_views(dst, "CPU_ATTN", num_kv_heads=3, head_dim=16)
-    tokens = list(range(100, 170))  # 70 tokens: two chunks of 32 and a partial one of 6
+    h, d, bs, n = 3, 32, 32, 70
+    geo = KVGeometry(2, h, d, torch.bfloat16)
+    layer = _layer(isa, h, d)
+    g = torch.Generator().manual_seed(3)
+    keys = [torch.randn(n, h, d, generator=g).to(torch.bfloat16) for _ in range(2)]
+    values = [torch.randn(n, h, d, generator=g).to(torch.bfloat16) for _ in range(2)]
     src_blocks, dst_blocks = [4, 1, 3], [0, 5, 2]
-    cfg = {"chunk_size": 32, "memory": {"enabled": False}, "disk": {"path": str(tmp_path / "disk")}}
+    src = [_cache(6, h, bs, d, torch.bfloat16) for _ in range(2)]
+    for i in range(2):
+        _vllm_write(layer, src[i], keys[i], values[i], slot_mapping_for(src_blocks, bs, n))
+    dst = [torch.full_like(src[0], float("nan")) for _ in range(2)]  # poison
+    bm = cpu_block_map({f"l{i}": t for i, t in enumerate(src)}, layer, "CPU_ATTN", num_kv_heads=h, head_dim=d)
+    tokens = list(range(100, 100 + n))  # 70 tokens: chunks of 24 end mid-block (24, 48) and a partial one of 22
+    cfg = {"chunk_size": 24, "memory": {"enabled": False}, "disk": {"path": str(tmp_path / "disk")}}
     with KVEngine(cfg, geo, model_id="unit") as eng:
-        stored = eng.store_paged(tokens, src_views, slot_mapping_for(src_blocks, bs, 70), layout=layout)
+        stored = eng.store_paged(tokens, src, slot_mapping_for(src_blocks, bs, n), layout=bm)
         eng.flush()
-        assert stored == 70 and eng.lookup(tokens) == 70 and eng.lookup(tokens[:40]) == 32
-        # load tokens [32, 69): the first chunk is "local", the last token is left for the model to compute
-        slots = slot_mapping_for(dst_blocks, bs, 70, lo=32, hi=69)
-        n = eng.retrieve_paged(tokens, dst_views, slots, layout=layout, start=32)
-    assert n == 70
-    for name in src:
-        sk, sv = _vllm_kv(src[name])
-        dk, dv = _vllm_kv(dst[name])
-        for t in range(70):
-            sb, so = src_blocks[t // bs], t % bs
-            db, do = dst_blocks[t // bs], t % bs
-            loaded = 32 <= t < 69
-            for s, d in ((sk, dk), (sv, dv)):
-                if loaded:
-                    assert torch.equal(d[db, :, do], s[sb, :, so]), (name, t)
-                else:
-                    assert torch.isnan(d[db, :, do]).all(), (name, t)
+        assert stored == n and eng.lookup(tokens) == n and eng.lookup(tokens[:40]) == 24
+        # load tokens [24, 69): the first chunk is "local", the last token is left for the model to compute
+        slots = slot_mapping_for(dst_blocks, bs, n, lo=24, hi=n - 1)
+        assert eng.retrieve_paged(tokens, dst, slots, layout=bm, start=24) == n
+    all_slots = slot_mapping_for(dst_blocks, bs, n)
+    for i in range(2):
+        got = paged.gather([dst[i]], all_slots, layout=bm)[0]     # [2, T, H, D]
+        assert torch.equal(got[0, 24:n - 1], keys[i][24:n - 1]) and torch.equal(got[1, 24:n - 1], values[i][24:n - 1])
+        assert bool(got[:, :24].isnan().all()) and bool(got[:, n - 1].isnan().all())
+        # what vLLM's attention will read: the K/V halves of [NB, H, 2*BS, D] hold exactly vLLM's own bytes
+        want = _cache(6, h, bs, d, torch.bfloat16).fill_(float("nan"))
+        _vllm_write(layer, want, keys[i][24:n - 1], values[i][24:n - 1], all_slots[24:n - 1])
+        assert torch.equal(_raw(dst[i]), _raw(want))

@@ -97,5 +97,20 @@ LMKV_HD int64_t run_elems(const LayerView& v, const ChunkView& c, int64_t heads,
   return head_dim;
 }
 
+// A BlockMap layout (lmkv/layouts.py): the inside of a block is a table, not strides. `offsets` is the
+// contiguous int64 [2, BS, H, D] table; element (plane, o, head, dim) of block b sits at
+//   b * block_stride + offsets[mapped_row(...) + dim]            (elements from the layer's data pointer).
+LMKV_HD int64_t mapped_row(int64_t block_size, int64_t heads, int64_t head_dim, int64_t plane, int64_t offset,
+                           int64_t head) {
+  return ((plane * block_size + offset) * heads + head) * head_dim;
+}
+
+// Whether the D offsets of a table row are consecutive (a memcpy-able run in the cache).
+LMKV_HD bool mapped_row_is_run(const int64_t* row, int64_t head_dim) {
+  for (int64_t d = 1; d < head_dim; ++d)
+    if (row[d] != row[0] + d) return false;
+  return true;
+}
+
 }  // namespace paged
 }  // namespace lmkv
