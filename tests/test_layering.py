@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_ALLOWED = {"lmkv.types", "lmkv.config", "lmkv.errors", "lmkv.paths"}
+KERNEL_ALLOWED = {"lmkv.types", "lmkv.config", "lmkv.errors", "lmkv.paths", "lmkv.layouts"}
 
 
 def _imports(path: Path) -> list[str]:
