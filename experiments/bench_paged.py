@@ -5,8 +5,9 @@ For each layout (flash_attn, blocks_first, mla, and the BlockMap layouts of vLLM
 chunk size (256 KiB .. 64 MiB), the chunk's tokens sit in shuffled blocks of a paged cache twice the chunk's
 size (as in an engine), and we time, alternating in one process: ``copy_`` of a contiguous buffer of the
 chunk's bytes into a preallocated one (the physical limit), ``paged.gather/scatter`` with the reference and
-with ext through the public API (validation included), and the bare ext operator (``ext_raw``, no Python
-validation). Figures are medians; GB/s = chunk bytes / time.
+with ext through the public API on a ``paged.PagedCache`` (what an engine keeps: slots and chunk validated per
+call), ext on the plain list of engine tensors (``ext_list``: every tensor validated on every call), and the
+bare ext operator (``ext_raw``, no Python validation). Figures are medians; GB/s = chunk bytes / time.
 
     .venv/bin/python -m experiments.bench_paged [--small] [--ops gather,scatter] [--layouts flash_attn,mla]
 
@@ -23,9 +24,8 @@ from tqdm import tqdm
 
 from experiments._common import alternate, median, print_table, save_plot, small, write_rows
 from lmkv.adapters.vllm_layout import cpu_attn_block_map
-from lmkv.layouts import BlockMap
+from lmkv.layouts import LAYOUT_CODES, BlockMap, canonical_layer_views, new_chunk
 from lmkv.ops import paged
-from lmkv.reference import paged as ref
 
 NAME = "bench_paged"
 MiB = 1 << 20
@@ -86,19 +86,18 @@ def measure(layout: str, op: str, chunk_bytes: int, repeats: int, backends: tupl
     num_tokens = max(1, chunk_bytes // geom.token_bytes(layout))
     caches, slots = make_cache(layout, geom, num_tokens)
     lay = layout_arg(layout, geom)
-    chunk = ref.new_chunk(caches, slots, lay)
+    chunk = new_chunk(caches, slots, lay)
     chunk.copy_(torch.randn(chunk.shape).to(geom.dtype))
     nbytes = chunk.numel() * chunk.element_size()
     src, dst = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
     src.fill_(1)
     dst.fill_(0)  # touch every page before timing
     candidates = {"copy": lambda: dst.copy_(src)}
+    handle = paged.PagedCache(caches, lay)  # what an engine keeps: its tensors validated once
     for b in backends:
-        if op == "gather":
-            candidates[b] = lambda b=b: paged.gather(caches, slots, layout=lay, out=chunk, backend=b)
-        else:
-            candidates[b] = lambda b=b: paged.scatter(chunk, caches, slots, layout=lay, backend=b)
+        candidates[b] = _public(op, handle, slots, chunk, b)
     if "ext" in backends:
+        candidates["ext_list"] = _public(op, caches, slots, chunk, "ext", lay)
         candidates["ext_raw"] = _raw_ext(op, caches, slots, chunk, lay)
     times = alternate(candidates, repeats=repeats, warmup=1)
     row: dict = {"layout": layout, "op": op, "chunk_MiB": round(nbytes / MiB, 3), "tokens": num_tokens,
@@ -109,10 +108,20 @@ def measure(layout: str, op: str, chunk_bytes: int, repeats: int, backends: tupl
         row[f"{name}_GBps"] = nbytes / median(ts) / 1e9
     if "ext" in times:
         row["ext/copy"] = row["ext_GBps"] / row["copy_GBps"]
+        row["ext_list/copy"] = row["ext_list_GBps"] / row["copy_GBps"]
         row["ext_raw/copy"] = row["ext_raw_GBps"] / row["copy_GBps"]
     if "ext" in times and "reference" in times:
         row["ext/ref"] = row["reference_s"] / row["ext_s"]
     return row
+
+
+def _public(op: str, kv: paged.PagedCache | list[torch.Tensor], slots: torch.Tensor, chunk: torch.Tensor,
+            backend: str, lay: str | BlockMap | None = None):
+    """``paged.gather/scatter`` through the public API: on a PagedCache (slots and chunk checked per call), or
+    on the plain list (``lay`` given: every engine tensor checked on every call)."""
+    if op == "gather":
+        return lambda: paged.gather(kv, slots, layout=lay, out=chunk, backend=backend)
+    return lambda: paged.scatter(chunk, kv, slots, layout=lay, backend=backend)
 
 
 def _raw_ext(op: str, caches: list[torch.Tensor], slots: torch.Tensor, chunk: torch.Tensor, lay: str | BlockMap):
@@ -122,7 +131,7 @@ def _raw_ext(op: str, caches: list[torch.Tensor], slots: torch.Tensor, chunk: to
         if op == "gather":
             return lambda: ops.paged_gather_mapped(caches, slots, lay.offsets, chunk)
         return lambda: ops.paged_scatter_mapped(chunk, caches, slots, lay.offsets)
-    code = ref.LAYOUT_CODES[lay]
+    code = LAYOUT_CODES[lay]
     if op == "gather":
         return lambda: ops.paged_gather(caches, slots, chunk, code)
     return lambda: ops.paged_scatter(chunk, caches, slots, code)
@@ -145,8 +154,8 @@ def run(sizes=SIZES, layouts=LAYOUTS, ops=("gather", "scatter"), backends=("refe
     return rows
 
 
-COLUMNS = ["op", "layout", "chunk_MiB", "tokens", "copy_GBps", "reference_GBps", "ext_GBps", "ext_raw_GBps",
-           "ext/copy", "ext_raw/copy", "ext/ref"]
+COLUMNS = ["op", "layout", "chunk_MiB", "tokens", "copy_GBps", "reference_GBps", "ext_GBps", "ext_list_GBps",
+           "ext_raw_GBps", "ext/copy", "ext_list/copy", "ext_raw/copy", "ext/ref"]
 
 
 def plot(rows: list[dict]):
@@ -155,8 +164,8 @@ def plot(rows: list[dict]):
     ops = sorted({r["op"] for r in rows}, reverse=False)
     fig, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4.2), squeeze=False, sharey=True)
     styles = {"flash_attn": "-", "blocks_first": "--", "mla": ":", "vllm_cpu_vec": "-.", "vllm_cpu_amx": (0, (1, 3))}
-    colors = {"copy": "black", "ext": "tab:blue", "ext_raw": "tab:cyan", "reference": "tab:orange",
-              "triton": "tab:green"}
+    colors = {"copy": "black", "ext": "tab:blue", "ext_list": "tab:purple", "ext_raw": "tab:cyan",
+              "reference": "tab:orange", "triton": "tab:green"}
     for ax, op in zip(axes[0], ops, strict=True):
         for layout in dict.fromkeys(r["layout"] for r in rows):
             sel = sorted((r for r in rows if r["op"] == op and r["layout"] == layout), key=lambda r: r["bytes"])
@@ -195,7 +204,7 @@ def draw_layouts(num_blocks: int = 3, block_size: int = 4, heads: int = 2):
         # Label each cell (a D-vector) by (plane, block, offset, head) through the same canonical view as kernels.
         n = int(torch.Size(shape).numel())
         cells = torch.arange(n).view(*shape, 1)                                 # D = 1: one cell per D-vector
-        canon = ref.canonical_layer_views([cells], layout)[0][..., 0]  # [P, NB, BS, H]
+        canon = canonical_layer_views([cells], layout)[0][..., 0]  # [P, NB, BS, H]
         planes = canon.shape[0]
         per_row = n // (2 * num_blocks) if layout != "mla" else block_size
         for p in range(planes):

@@ -15,7 +15,8 @@ Methods per question (run one after another per question, so they alternate in o
 Fidelity (does not depend on the model's skill): the mean KL(full || method) of the next-token distributions
 over the answer, teacher-forced on the full-prefill greedy answer; ROUGE-L F1 and exact match of the method's
 greedy answer against the full-prefill answer. Task accuracy (the known fact appears in the answer) is reported
-beside them. TTFT is the prefill time up to the first token's logits (cached KV already in RAM).
+beside them. TTFT is the prefill time up to the first token's logits (cached KV already in RAM). The metrics and
+the synthetic documents live in :mod:`lmkv.tools.quality` (the tests use them too).
 
     .venv/bin/python -m experiments.blend_quality            # ~6 docs, 10 questions (< 10 min on 2 free cores)
     .venv/bin/python -m experiments.blend_quality --small    # 3 short docs, 2 questions (tests / notebook)
@@ -27,117 +28,18 @@ import argparse
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from experiments._common import print_table, save_plot, small, write_rows
-from lmkv.blending import blend_prefill, cache_to_kv, kv_deviation_by_layer, kv_to_cache, prefill_kv
 from lmkv.config import BlendConfig
+from lmkv.hf import blend_prefill, build_cache, cache_to_kv, kv_deviation_by_layer, prefill_kv
+from lmkv.tools.quality import Doc, Question, kl, make_documents, make_questions, rouge_l
 
 NAME = "blend_quality"
 RATIOS = (0.05, 0.10, 0.15, 0.30, 0.50)
-
-_SYLLABLES = ["var", "lon", "esk", "mar", "tel", "dor", "bri", "qua", "zen", "hol", "fin", "gar", "ost", "ril", "umb"]
-_FIRST = ["Elena", "Marcus", "Ingrid", "Tobias", "Amara", "Kenji", "Sofia", "Bruno", "Leila", "Oskar", "Nadia", "Ivo"]
-_LAST = ["Kimura", "Vance", "Okafor", "Lindqvist", "Moreau", "Castellano", "Petrov", "Haddad", "Novak", "Brandt"]
-_EXPORTS = ["copper wire", "blue cheese", "glass beads", "wool blankets", "clay pipes", "pine resin", "salted fish"]
-_DISHES = ["barley stew", "plum dumplings", "smoked trout", "onion pie", "honey bread", "lentil soup"]
-_MONTHS = ["January", "March", "April", "June", "August", "October", "November"]
-_COLORS = ["green", "orange", "purple", "silver", "crimson", "yellow"]
-_FILLER = [
-    "The streets near the market are narrow and paved with old grey stones.",
-    "Visitors often remark on the quiet mornings and the smell of fresh bread.",
-    "Several small bridges cross the canals that run through the old quarter.",
-    "In winter the hills around the town are covered with a thin layer of snow.",
-    "The local library keeps a collection of maps that are several centuries old.",
-    "Most houses in the centre have red tiled roofs and wooden shutters.",
-    "A weekly market sells vegetables, cloth and tools from the nearby villages.",
-    "The town hall stands on the main square next to a tall clock tower.",
-    "Farmers in the valley grow wheat, potatoes and a few kinds of apples.",
-    "An old railway line connects the town with the coast in about three hours.",
-]
-
-
-@dataclass
-class Doc:
-    town: str
-    facts: dict[str, str]
-    text: str
-
-
-@dataclass
-class Question:
-    text: str
-    answer: str
-    towns: list[str] = field(default_factory=list)
-
-
-def make_documents(n_docs: int, filler_sentences: int, seed: int = 0) -> list[Doc]:
-    """Documents with distinct facts: every town has a different name, mayor, river and year."""
-    rng = random.Random(seed)
-    docs: list[Doc] = []
-    used: set[str] = set()
-    while len(docs) < n_docs:
-        town = (rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) + rng.choice(["holm", "wick", "stad", "burg"]))
-        town = town.capitalize()
-        mayor = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
-        if town in used or mayor in used:
-            continue
-        used |= {town, mayor}
-        facts = {
-            "mayor": mayor,
-            "founded": str(rng.randint(1100, 1900)),
-            "population": f"{rng.randint(2, 95)},{rng.randint(100, 999)}",
-            "river": (rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES)).capitalize(),
-            "export": rng.choice(_EXPORTS),
-            "dish": rng.choice(_DISHES),
-            "festival": rng.choice(_MONTHS),
-            "color": rng.choice(_COLORS),
-        }
-        sentences = [
-            f"{town} is a town that was founded in the year {facts['founded']}.",
-            f"The mayor of {town} is {facts['mayor']}.",
-            f"{town} has a population of {facts['population']} people.",
-            f"The river that flows through {town} is called the {facts['river']}.",
-            f"The main export of {town} is {facts['export']}.",
-            f"The traditional dish of {town} is {facts['dish']}.",
-            f"Every year {town} holds its harvest festival in {facts['festival']}.",
-            f"The flag of {town} is {facts['color']}.",
-        ]
-        filler = [rng.choice(_FILLER) for _ in range(filler_sentences)]
-        body = sentences[:2] + filler[: filler_sentences // 2] + sentences[2:] + filler[filler_sentences // 2 :]
-        docs.append(Doc(town, facts, f"Document about {town}. " + " ".join(body)))
-    return docs
-
-
-_TEMPLATES = {
-    "mayor": "Who is the mayor of {town}?",
-    "founded": "In which year was {town} founded?",
-    "river": "What is the name of the river that flows through {town}?",
-    "export": "What is the main export of {town}?",
-    "dish": "What is the traditional dish of {town}?",
-    "festival": "In which month does {town} hold its harvest festival?",
-    "color": "What color is the flag of {town}?",
-}
-
-
-def make_questions(docs: list[Doc], n_questions: int, seed: int = 0) -> list[Question]:
-    """Mostly single-document lookups; every fourth question compares the founding years of two towns."""
-    rng = random.Random(seed + 1)
-    out: list[Question] = []
-    for i in range(n_questions):
-        if i % 4 == 3 and len(docs) >= 2:
-            a, b = rng.sample(docs, 2)
-            older = a if int(a.facts["founded"]) < int(b.facts["founded"]) else b
-            out.append(Question(f"Which town was founded earlier, {a.town} or {b.town}?", older.town,
-                                [a.town, b.town]))
-            continue
-        doc = rng.choice(docs)
-        key = rng.choice(sorted(_TEMPLATES))
-        out.append(Question(_TEMPLATES[key].format(town=doc.town), doc.facts[key], [doc.town]))
-    return out
 
 
 class Prompts:
@@ -156,30 +58,9 @@ class Prompts:
         return self._ids(f"Question: {q.text}<|im_end|>\n<|im_start|>assistant\n")
 
 
-# -- metrics --------------------------------------------------------------------------------------------------
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased whitespace words (LCS by dynamic programming)."""
-    a, b = candidate.lower().split(), reference.lower().split()
-    if not a and not b:
-        return 1.0
-    if not a or not b:
-        return 0.0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(a), lcs / len(b)
-    return 2 * p * r / (p + r)
-
-
 @torch.no_grad()
 def greedy(model: Any, kv: torch.Tensor, logits: torch.Tensor, max_new: int, eos: int) -> list[int]:
-    cache = kv_to_cache(kv)
+    cache = build_cache(kv)
     out = [int(logits.argmax())]
     while len(out) < max_new and out[-1] != eos:
         step = model(input_ids=torch.tensor([[out[-1]]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -193,13 +74,8 @@ def answer_logprobs(model: Any, kv: torch.Tensor, logits: torch.Tensor, answer: 
     first = torch.log_softmax(logits.float(), -1)[None]
     if len(answer) <= 1:
         return first
-    out = model(input_ids=torch.tensor([answer[:-1]]), past_key_values=kv_to_cache(kv), use_cache=True)
+    out = model(input_ids=torch.tensor([answer[:-1]]), past_key_values=build_cache(kv), use_cache=True)
     return torch.cat((first, torch.log_softmax(out.logits[0].float(), -1)))
-
-
-def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
-    """Mean over positions of KL(p || q)."""
-    return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
 
 
 # -- the study --------------------------------------------------------------------------------------------------
@@ -288,7 +164,7 @@ def run_methods(s: Setup, ratios: tuple[float, ...], max_new: int, seed: int, pr
 
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model(input_ids=ids[None, first_end:], past_key_values=kv_to_cache(prefix_kv), use_cache=True,
+            out = model(input_ids=ids[None, first_end:], past_key_values=build_cache(prefix_kv), use_cache=True,
                         logits_to_keep=1)
         results["prefix"] = (cache_to_kv(out.past_key_values), out.logits[0, -1], time.perf_counter() - t0,
                              1 - first_end / len(ids))

@@ -152,7 +152,7 @@ def entropy_rows(blobs: list[bytes]) -> dict[str, float]:
 
 def coder_rows(blobs: list[bytes], repeats: int) -> list[dict]:
     """lmkv ext vs torchac vs constriction on the same symbols and tables (from the lmkv default blobs)."""
-    from lmkv.optimized import ext_codec
+    from lmkv.optimized.codec import ext as codec_ext
     from lmkv.reference import codec_format as fmt
 
     sym_parts, cdf_parts, ids_parts = [], [], []
@@ -175,12 +175,12 @@ def coder_rows(blobs: list[bytes], repeats: int) -> list[dict]:
     threads = torch.get_num_threads()
 
     # lmkv ext
-    data, lengths = ext_codec.ac_encode_tensor(sym, cdf)
+    data, lengths = codec_ext.ac_encode_tensor(sym, cdf)
     offsets = torch.zeros(S + 1, dtype=torch.int64)
     torch.cumsum(lengths, 0, out=offsets[1:])
     assert torch.equal(torch.ops.lmkv.codec_ac_decode(data, offsets, cdf, T), sym)
     candidates = {
-        "lmkv ext encode": lambda: ext_codec.ac_encode_tensor(sym, cdf),
+        "lmkv ext encode": lambda: codec_ext.ac_encode_tensor(sym, cdf),
         "lmkv ext decode": lambda: torch.ops.lmkv.codec_ac_decode(data, offsets, cdf, T),
     }
     sizes = {"lmkv ext": int(data.numel())}

@@ -30,7 +30,7 @@ CHUNK = 256
 
 
 def _prompt(tokenizer: Any, n: int) -> torch.Tensor:
-    from lmkv.demo import make_document
+    from lmkv.tools.demo import make_document
 
     doc, _ = make_document(n + 64, tokenizer, seed=n)
     ids = tokenizer(doc, return_tensors="pt").input_ids[:, :n]

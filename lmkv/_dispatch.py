@@ -4,8 +4,8 @@ Every kernel-backed function is an :class:`Op`: a pure-PyTorch reference (the ex
 :class:`Backend` s that are imported lazily, by string, the first time they are needed::
 
     gather = Op("paged.gather", reference.paged.gather,
-                Backend("ext", "lmkv.optimized.ext_paged:gather", devices={"cpu"}, auto_devices={"cpu"}),
-                Backend("triton", "lmkv.optimized.triton.paged:gather", devices={"cpu", "cuda"},
+                Backend("ext", "lmkv.optimized.paged.ext:gather", devices={"cpu"}, auto_devices={"cpu"}),
+                Backend("triton", "lmkv.optimized.paged.triton:gather", devices={"cpu", "cuda"},
                         auto_devices={"cuda"}))
     gather(kv_caches, slot_mapping, layout="flash_attn", backend=None)
 
@@ -115,7 +115,7 @@ def use_backend(selection: str | Mapping[str, str]) -> Iterator[None]:
     """Select backends for the ops called inside the ``with`` block (and the threads it does not start).
 
     ``selection`` is a backend name (``"reference"``), a mapping ``{"paged.*": "ext"}``, or the same mapping
-    as a string ``"paged.*=ext,codec.encode=reference"``.
+    as a string ``"paged.*=ext,codec.*=reference"``.
     """
     parsed = _parse_selection(selection)
     token = _selection.set(parsed)

@@ -12,7 +12,7 @@ from pathlib import Path
 def _cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from lmkv.demo import run_demo
+    from lmkv.tools.demo import run_demo
 
     run_demo(doc_tokens=args.doc_tokens, questions=args.questions, max_new_tokens=args.max_new_tokens,
              redis_url=args.redis, config=args.config)

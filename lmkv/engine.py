@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ import torch
 from lmkv import config as lmkv_config
 from lmkv.errors import GeometryMismatch
 from lmkv.keys import KeySpace
-from lmkv.ops import hashing
+from lmkv.plan import Chunk, ChunkPlan
 from lmkv.storage import TieredStore
 from lmkv.token_db import TokenDatabase
 from lmkv.types import KVGeometry
@@ -45,7 +45,6 @@ class EngineCounters:
     retrieve_s: float = 0.0
     store_s: float = 0.0
     load_errors: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _token_list(tokens: Any, name: str = "tokens") -> list[int]:
@@ -112,11 +111,21 @@ class KVEngine:
             raise GeometryMismatch(f"model KV geometry {got.tag()} does not match the engine's {self.geometry.tag()}")
 
     # -- core API ------------------------------------------------------------------------------------------
-    def lookup(self, tokens: Any) -> int:
-        """Number of leading tokens of ``tokens`` whose chunks are all stored (0 .. len(tokens))."""
-        toks = _token_list(tokens)
+    def plan(self, tokens: Any) -> ChunkPlan:
+        """Hash ``tokens`` once: pass the plan to lookup, store and retrieve of the same tokens."""
+        if isinstance(tokens, ChunkPlan):
+            return tokens
+        return self.db.plan(_token_list(tokens))
+
+    def lookup(self, tokens: Any, *, shared_only: bool = False) -> int:
+        """Number of leading tokens of ``tokens`` (a sequence or its :class:`ChunkPlan`) whose chunks are stored.
+
+        ``shared_only``: count only what tiers another process sees hold (disk, Redis; not this process's RAM).
+        One batched membership query per tier.
+        """
+        plan = self.plan(tokens)
         t0 = time.perf_counter()
-        n = self.db.lookup(toks, self.storage.batched_contains)
+        n = plan.end_of(self.storage.batched_contains(plan.keys, shared_only=shared_only))
         with self._lock:
             self.counters.lookups += 1
             self.counters.lookup_s += time.perf_counter() - t0
@@ -126,68 +135,83 @@ class KVEngine:
         """Store the chunks of ``tokens`` that ``kv`` fully covers; returns the number of tokens newly stored.
 
         Args:
-            tokens: the whole token sequence the chunk keys are computed from (prefix chain).
+            tokens: the whole token sequence the chunk keys are computed from (prefix chain), or its plan.
             kv: ``[L, 2, T, H, D]`` KV of ``tokens[offset : offset + T]``.
             offset: position of kv's first token in ``tokens``.
-        Chunks already stored are skipped; a trailing partial chunk is stored only when it ends the sequence
-        and ``save_partial_chunks`` is on.
+        Chunks already stored are skipped (one batched presence query); a trailing partial chunk is stored only
+        when it ends the sequence and ``save_partial_chunks`` is on.
         """
-        toks = _token_list(tokens)
+        plan = self.plan(tokens)
         num = self.geometry.check_chunk(kv, "kv")
-        if not 0 <= offset <= len(toks) or offset + num > len(toks):
-            raise ValueError(f"offset={offset} with kv of {num} tokens does not fit tokens of length {len(toks)}")
+        if not 0 <= offset <= len(plan) or offset + num > len(plan):
+            raise ValueError(f"offset={offset} with kv of {num} tokens does not fit tokens of length {len(plan)}")
         t0 = time.perf_counter()
+        wanted = [i for i, (s, e) in enumerate(plan.spans) if s >= offset and e <= offset + num]
+        present = self.storage.contains_many([plan.keys[i] for i in wanted])
+        missing = [i for i, have in zip(wanted, present, strict=True) if not have]
         stored = 0
-        all_chunks = self.db.chunks(toks)
-        wanted = [i for i, (s, e, _) in enumerate(all_chunks) if s >= offset and e <= offset + num]
-        chunks = [all_chunks[i] for i in wanted]
-        missing = [i for i, (_, _, key) in zip(wanted, chunks) if not self.storage.contains(key)]
-        skipped = len(chunks) - len(missing)
         if missing:
             # A prefix chunk's KV depends on every token before it: its fingerprint covers tokens[0:end].
-            fps = hashing.prefix_fingerprints(toks, [all_chunks[i][1] for i in missing], salt=self.keyspace.salt)
-            for i, fp in zip(missing, fps):
-                start, end, key = all_chunks[i]
-                self.storage.put(key, kv[:, :, start - offset : end - offset].contiguous(), fingerprint=fp)
+            items = []
+            for i in missing:
+                start, end = plan.spans[i]
+                items.append((plan.keys[i], kv[:, :, start - offset:end - offset], plan.fingerprints[i]))
                 stored += end - start
+            self.storage.put_many(items)
         with self._lock:
             self.counters.stored_tokens += stored
-            self.counters.stored_chunks += len(chunks) - skipped
-            self.counters.skipped_chunks += skipped
+            self.counters.stored_chunks += len(missing)
+            self.counters.skipped_chunks += len(wanted) - len(missing)
             self.counters.store_s += time.perf_counter() - t0
         return stored
 
-    def retrieve(self, tokens: Any) -> tuple[torch.Tensor, int]:
-        """KV of the longest stored prefix of ``tokens``.
+    def retrieve(self, tokens: Any, *, end: int | None = None) -> tuple[torch.Tensor, int]:
+        """KV of the longest stored prefix of ``tokens`` (a sequence or its plan), among the chunks ending at or
+        before ``end`` (default: all).
 
         Returns:
             ``(kv [L, 2, n, H, D], n)``; n = 0 gives an empty kv. Reading stops at the first chunk that is
-            missing, corrupt, or whose token fingerprint does not match.
+            missing, corrupt, or whose token fingerprint does not match. Storage is asked once per tier for all
+            the chunks (one pipelined round trip to Redis), not once per chunk.
         """
-        toks = _token_list(tokens)
+        plan = self.plan(tokens)
         t0 = time.perf_counter()
-        n = 0
-        tiers: dict[str, int] = {}
-        chunks = self.db.chunks(toks)
-        fps = self.db.fingerprints(toks) if chunks else []
+        count = plan.count_within(len(plan) if end is None else end)
+        chunks = plan.chunks(plan.end_of(count))
         # One output for every chunk, filled through a reused staging chunk: no per-chunk allocation and no
         # final concatenation (fresh allocations are page-fault bound at a fraction of copy bandwidth).
-        out = torch.empty(self.geometry.chunk_shape(chunks[-1][1] if chunks else 0), dtype=self.geometry.dtype)
-        for (start, end, key), fp in zip(chunks, fps):
-            kv, tier = self._get(key, end - start, fp, staging=self._staging(end - start))
-            if kv is None:
-                break
-            out[:, :, start:end].copy_(kv)
-            tiers[tier] = tiers.get(tier, 0) + (end - start)
-            n = end
+        out = torch.empty(self.geometry.chunk_shape(plan.end_of(count)), dtype=self.geometry.dtype)
+        served: list[tuple[Chunk, str]] = []
+
+        def on_hit(i: int, kv: torch.Tensor, tier: str) -> None:
+            c = chunks[i]
+            if not self._fits(kv, c.num_tokens):
+                return  # a foreign object under our key (the key names the geometry): corruption, not served
+            out[:, :, c.start:c.end].copy_(kv)
+            served.append((c, tier))
+
+        self.storage.get_many([c.key for c in chunks], [c.fingerprint for c in chunks], prefix=True,
+                              out=lambda i: self._staging(chunks[i].num_tokens), on_hit=on_hit)
+        n, tiers = self._served_prefix(served)
         out = out[:, :, :n]
         with self._lock:
             self.counters.retrieved_tokens += n
             self.counters.hit_tokens += n
-            self.counters.missed_tokens += len(toks) - n
+            self.counters.missed_tokens += len(plan) - n
             self.counters.retrieve_s += time.perf_counter() - t0
             self._last_tiers = tiers
         return out, n
+
+    def _served_prefix(self, served: list[tuple[Chunk, str]]) -> tuple[int, dict[str, int]]:
+        """Tokens covered by the hits that form a prefix (a foreign object ends it) and the tokens per tier."""
+        n = 0
+        tiers: dict[str, int] = {}
+        for c, tier in served:
+            if c.start != n:
+                break
+            n = c.end
+            tiers[tier] = tiers.get(tier, 0) + c.num_tokens
+        return n, tiers
 
     def _staging(self, num_tokens: int) -> torch.Tensor | None:
         """A reused contiguous buffer for one full chunk (None for a partial chunk)."""
@@ -198,60 +222,94 @@ class KVEngine:
             buf = self._local.staging = torch.empty(self.geometry.chunk_shape(num_tokens), dtype=self.geometry.dtype)
         return buf
 
-    def _get(self, key: str, num_tokens: int, fingerprint: bytes,
-             staging: torch.Tensor | None = None) -> tuple[torch.Tensor | None, str]:
-        kv, tier = self.storage.get_with_tier(key, fingerprint=fingerprint, out=staging)
-        if kv is None or tier is None:
-            return None, ""
-        want = self.geometry.chunk_shape(num_tokens)
-        if tuple(kv.shape) != want or kv.dtype != self.geometry.dtype:
-            # A foreign object under our key: treat as a miss (the key names the geometry, so this is corruption).
+    # -- position-free segments (CacheBlend) ---------------------------------------------------------------
+    def segment_plan(self, tokens: Any, separator: Any) -> list[Chunk]:
+        """The segments between separators, keyed by their own tokens only (found again at any position)."""
+        return self.db.segment_plan(_token_list(tokens), separator)
+
+    def retrieve_segments(self, segments: Sequence[Chunk]) -> list[torch.Tensor | None]:
+        """The stored KV ``[L, 2, end - start, H, D]`` of each segment (computed on its own), or None: one batched
+        read; fingerprints and shapes are checked, so a foreign object is a miss."""
+        segments = list(segments)
+        t0 = time.perf_counter()
+        got = self.storage.get_many([s.key for s in segments], [s.fingerprint for s in segments])
+        out = [kv if kv is not None and self._fits(kv, seg.num_tokens) else None
+               for seg, (kv, _tier) in zip(segments, got, strict=True)]
+        hit = sum(s.num_tokens for s, kv in zip(segments, out, strict=True) if kv is not None)
+        with self._lock:
+            self.counters.retrieved_tokens += hit
+            self.counters.retrieve_s += time.perf_counter() - t0
+        return out
+
+    def _fits(self, kv: torch.Tensor, num_tokens: int) -> bool:
+        """Whether a stored object has this engine's geometry; one that does not is corrupt (a load error)."""
+        ok = tuple(kv.shape) == self.geometry.chunk_shape(num_tokens) and kv.dtype == self.geometry.dtype
+        if not ok:
             with self._lock:
                 self.counters.load_errors += 1
-            return None, ""
-        return kv, tier
+        return ok
+
+    def store_segment(self, segment: Chunk, kv: torch.Tensor) -> bool:
+        """Store the KV ``[L, 2, end - start, H, D]`` of a segment computed on its own (from position 0)."""
+        num = self.geometry.check_chunk(kv, "kv")
+        if num != segment.num_tokens:
+            raise ValueError(f"kv has {num} tokens, segment [{segment.start}, {segment.end}) has {segment.num_tokens}")
+        self.storage.put(segment.key, kv, fingerprint=segment.fingerprint)
+        with self._lock:
+            self.counters.stored_tokens += num
+            self.counters.stored_chunks += 1
+        return True
 
     def last_tiers(self) -> dict[str, int]:
         """Tokens served per tier by the most recent ``retrieve``."""
         return dict(self._last_tiers)
 
     # -- paged forms ---------------------------------------------------------------------------------------
-    def store_paged(self, tokens: Any, kv_caches: Any, slot_mapping: torch.Tensor, *, layout: Any,
+    def store_paged(self, tokens: Any, kv_caches: Any, slot_mapping: torch.Tensor, *, layout: Any = None,
                     start: int = 0) -> int:
         """Gather ``tokens[start:len(slot_mapping)]`` from a paged cache and store their chunks.
 
-        ``slot_mapping`` is int64 ``[T]`` aligned with ``tokens[:T]``; only chunks fully inside
-        ``[start, T)`` are stored (chunks before ``start`` are assumed stored already).
+        ``tokens`` is the sequence (or its plan) whose first ``T = len(slot_mapping)`` tokens are in the cache;
+        ``slot_mapping`` is int64 ``[T]``. Only chunks fully inside ``[start, T)`` are stored (chunks before
+        ``start`` are assumed stored already). ``kv_caches``: the engine's tensors in ``layout`` (a layout name
+        or :class:`lmkv.layouts.BlockMap`), or a :class:`lmkv.ops.paged.PagedCache` handle (validated once,
+        ``layout`` then optional): keep one per registered cache.
         """
         from lmkv.ops import paged
 
-        toks = _token_list(tokens)
         total = int(slot_mapping.shape[0])
+        plan = tokens if isinstance(tokens, ChunkPlan) else None
+        toks = plan.tokens if plan is not None else _token_list(tokens)
         if total > len(toks):
             raise ValueError(f"slot_mapping has {total} slots for {len(toks)} tokens")
+        if plan is None or total != len(plan):
+            plan = self.plan(toks[:total])
         first = (start // self.chunk_size) * self.chunk_size
-        chunks = [c for c in self.db.chunks(toks[:total]) if c[0] >= first]
-        if not chunks:
+        spans = [sp for sp in plan.spans if sp[0] >= first]
+        if not spans:
             return 0
-        lo = chunks[0][0]
+        lo = spans[0][0]
         kv = paged.gather(kv_caches, slot_mapping[lo:total], layout=layout)
-        return self.store(toks[:total], kv, offset=lo)
+        return self.store(plan, kv, offset=lo)
 
-    def retrieve_paged(self, tokens: Any, kv_caches: Any, slot_mapping: torch.Tensor, *, layout: Any,
+    def retrieve_paged(self, tokens: Any, kv_caches: Any, slot_mapping: torch.Tensor, *, layout: Any = None,
                        start: int = 0, end: int | None = None) -> int:
         """Scatter the stored KV of ``tokens[start:end]`` into a paged cache; returns the tokens loaded (<= end).
 
-        ``slot_mapping`` is int64 ``[T]`` aligned with ``tokens[:T]``. Loading stops at the first missing or
+        ``tokens`` is the sequence whose chunk keys are read (a token list is keyed as ``tokens[:end]``; a plan
+        as it is, its chunks ending at or before ``end``); ``slot_mapping`` is int64 ``[T]`` aligned with
+        ``tokens[:T]``; ``kv_caches``/``layout`` as for :meth:`store_paged`. Loading stops at the first missing or
         invalid chunk; the return value says how far the cache is now valid (tokens before ``start`` are the
         caller's).
         """
         from lmkv.ops import paged
 
-        toks = _token_list(tokens)
+        plan = tokens if isinstance(tokens, ChunkPlan) else None
+        toks = plan.tokens if plan is not None else _token_list(tokens)
         end = len(toks) if end is None else end
         if end > slot_mapping.shape[0]:
             raise ValueError(f"end={end} exceeds slot_mapping length {slot_mapping.shape[0]}")
-        kv, n = self.retrieve(toks[:end])
+        kv, n = self.retrieve(plan if plan is not None else toks[:end], end=end)
         n = min(n, end)
         if n > start:
             paged.scatter(kv[:, :, start:n].contiguous(), kv_caches, slot_mapping[start:n], layout=layout)
@@ -260,7 +318,7 @@ class KVEngine:
     # -- housekeeping --------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         c = self.counters
-        out = {k: v for k, v in c.__dict__.items() if k != "extra"}
+        out = dict(c.__dict__)
         out["tiers"] = self.storage.stats()
         return out
 

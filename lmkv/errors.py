@@ -33,3 +33,10 @@ class StorageError(LmkvError, RuntimeError):
 
 class CorruptObject(StorageError):
     """A stored object failed its header or checksum validation; callers treat it as a miss."""
+
+
+class Unsupported(ConfigError, NotImplementedError):
+    """This model / engine setup is outside what lmkv serves exactly; the message names what.
+
+    A :class:`ConfigError` (so a ValueError) and a NotImplementedError, so callers that catch either keep working.
+    """

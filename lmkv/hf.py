@@ -1,5 +1,7 @@
-"""``lmkv.hf``: the HuggingFace transformers adapter (see :mod:`lmkv.adapters.hf`)."""
+"""``lmkv.hf``: the HuggingFace transformers entry point (implemented in :mod:`lmkv.adapters.hf`).
 
-from lmkv.adapters.hf import GenerateOutput, GenerateStats, build_cache, cache_to_kv, generate, refuse_unsupported
+``generate``, ``build_cache``, ``cache_to_kv``, ``blend_prefill`` ... : every name of ``lmkv.adapters.hf.__all__``.
+"""
 
-__all__ = ["build_cache", "cache_to_kv", "generate", "GenerateOutput", "GenerateStats", "refuse_unsupported"]
+from lmkv.adapters.hf import *  # noqa: F403  (a thin re-export: the names are listed once, in lmkv.adapters.hf)
+from lmkv.adapters.hf import __all__ as __all__

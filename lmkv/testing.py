@@ -201,3 +201,99 @@ class VllmServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class LatencyProxy:
+    """A TCP proxy on 127.0.0.1 that adds ``delay_s`` each way and counts round trips, for remote-tier studies.
+
+    Every connection to ``port`` is forwarded to ``127.0.0.1:target_port``; each chunk of bytes is delivered
+    ``delay_s`` after it arrived, in order, in both directions (a line with a round-trip time of ``2 * delay_s``).
+    ``round_trips`` counts request bursts: client bytes that follow server bytes (or open the connection), which is
+    what a pipelined batch costs once and a per-key loop costs once per key.
+    """
+
+    def __init__(self, target_port: int, delay_s: float = 0.0) -> None:
+        import threading
+
+        self.target_port = target_port
+        self.delay_s = float(delay_s)
+        self.round_trips = 0
+        self._lock = threading.Lock()
+        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(64)
+        self.port = self._server.getsockname()[1]
+        self._closed = False
+        self._threads: list[Any] = []
+        self._spawn(self._accept)
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        import threading
+
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            state = {"last": "server"}
+            self._spawn(self._pump, client, upstream, "client", state)
+            self._spawn(self._pump, upstream, client, "server", state)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, side: str, state: dict[str, str]) -> None:
+        import queue
+
+        pending: queue.Queue = queue.Queue()
+        self._spawn(self._deliver, dst, pending)
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                with self._lock:
+                    if side == "client" and state["last"] == "server":
+                        self.round_trips += 1
+                    state["last"] = side
+                pending.put((time.monotonic() + self.delay_s, data))
+        except OSError:
+            pass
+        pending.put(None)
+
+    @staticmethod
+    def _deliver(dst: socket.socket, pending: Any) -> None:
+        try:
+            while (item := pending.get()) is not None:
+                due, data = item
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def reset(self) -> None:
+        with self._lock:
+            self.round_trips = 0
+
+    def close(self) -> None:
+        self._closed = True
+        self._server.close()
+
+    def __enter__(self) -> LatencyProxy:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,9 +1,11 @@
-"""The token database: token sequences -> storage keys, prefix lookups, and token verification on hit.
+"""The token database: token sequences -> chunk plans (storage keys + fingerprints), prefix lookups.
 
 Lookups trust keys (128-bit digests), but a stored object also carries ``token_fingerprint`` of the tokens
 its KV was computed from (for a prefix chunk: every token from 0 through the chunk's end, plus the salt).
-On retrieval the engine calls :meth:`TokenDatabase.verify`; a mismatch is a miss, so even a forced digest
-collision can never hand back wrong KV. Fingerprints are SHA-256, a different hash family than the keys.
+The engine passes the plan's fingerprints to every read and the store compares them with the stored one
+(:class:`lmkv.storage.TieredStore`); a mismatch is a miss, so even a forced digest collision can never hand
+back wrong KV. Fingerprints are SHA-256, a different hash family than the keys. :meth:`TokenDatabase.verify`
+is that comparison for callers that hold a stored fingerprint themselves.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from lmkv.keys import KeySpace
 from lmkv.ops import hashing
+from lmkv.plan import Chunk, ChunkPlan
 
 log = logging.getLogger("lmkv.token_db")
 
@@ -42,6 +45,27 @@ class TokenDatabase:
         self.save_partial = bool(save_partial)
         self.backend = backend
 
+    # -- plans --------------------------------------------------------------------------------------------
+    def plan(self, tokens: Any) -> ChunkPlan:
+        """Hash ``tokens`` once: the :class:`ChunkPlan` that lookup, store and retrieve of them share."""
+        arr = hashing.as_tokens(tokens)
+        digests = hashing.chunk_keys(arr, chunk_size=self.chunk_size, salt=self.keyspace.salt,
+                                     include_partial=self.save_partial, backend=self.backend)
+        n, c, text = len(arr), self.chunk_size, self.keyspace.text
+        spans = [(i * c, min((i + 1) * c, n)) for i in range(len(digests))]
+        salt = self.keyspace.salt
+        return ChunkPlan(arr.tolist(), spans, [text(d) for d in digests],
+                         lambda ends: hashing.prefix_fingerprints(arr, ends, salt=salt))
+
+    def segment_plan(self, tokens: Any, separator: Any) -> list[Chunk]:
+        """Position-free chunks of the segments between separators (CacheBlend), each with the fingerprint of
+        its own tokens (a segment's KV is computed on its own, from position 0)."""
+        arr = hashing.as_tokens(tokens)
+        out = []
+        for s, e, key in self.segments(arr, separator):
+            out.append(Chunk(s, e, key, hashing.token_fingerprint(arr[s:e], salt=self.keyspace.salt)))
+        return out
+
     # -- keys -----------------------------------------------------------------------------------------------
     def chunks(self, tokens: Any) -> list[tuple[int, int, str]]:
         """``[(start, end, key_text), ...]`` for every chunk of ``tokens``, in order."""
@@ -68,16 +92,17 @@ class TokenDatabase:
     def lookup(self, tokens: Any, batched_contains: Callable[[list[str]], int]) -> int:
         """Number of leading tokens whose chunks are all stored.
 
-        ``batched_contains(keys)`` is the storage's function: it returns how many of ``keys`` are present
-        before the first absent one. A partial trailing chunk counts only when ``save_partial``.
+        ``tokens`` is a token sequence or its :class:`ChunkPlan`. ``batched_contains(keys)`` is the storage's
+        function: it returns how many of ``keys`` are present before the first absent one. A partial trailing
+        chunk counts only when ``save_partial``.
         """
-        chunks = self.chunks(tokens)
-        if not chunks:
+        plan = tokens if isinstance(tokens, ChunkPlan) else self.plan(tokens)
+        if not plan.keys:
             return 0
-        hits = batched_contains([k for _, _, k in chunks])
-        if isinstance(hits, bool) or not isinstance(hits, int) or not 0 <= hits <= len(chunks):
-            raise ValueError(f"batched_contains must return an int in [0, {len(chunks)}], got {hits!r}")
-        return chunks[hits - 1][1] if hits else 0
+        hits = batched_contains(plan.keys)
+        if isinstance(hits, bool) or not isinstance(hits, int) or not 0 <= hits <= len(plan.keys):
+            raise ValueError(f"batched_contains must return an int in [0, {len(plan.keys)}], got {hits!r}")
+        return plan.end_of(hits)
 
     # -- verification ---------------------------------------------------------------------------------------
     def fingerprint(self, tokens: Any) -> bytes:
@@ -87,9 +112,7 @@ class TokenDatabase:
 
     def fingerprints(self, tokens: Any) -> list[bytes]:
         """The fingerprint of every chunk of ``tokens`` (aligned with :meth:`chunks`), in one pass."""
-        arr = hashing.as_tokens(tokens)
-        ends = [e for _, e, _ in self.chunks(arr)]
-        return hashing.prefix_fingerprints(arr, ends, salt=self.keyspace.salt)
+        return self.plan(tokens).fingerprints
 
     def verify(self, tokens_of_chunk: Any, stored_fingerprint: Any) -> bool:
         """True only when ``stored_fingerprint`` is the fingerprint of ``tokens_of_chunk`` (all tokens from 0

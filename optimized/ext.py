@@ -4,7 +4,7 @@ Limits: CPU only. Each component (``paged``, ``hashing``, ``codec``, ``blend``) 
 library built from ``csrc/cpu/<component>*.cpp`` plus the torch-free headers in ``csrc/include/lmkv``, with
 ``torch.utils.cpp_extension.load`` on first use (about 30 s, then cached under ``<cache_dir>/ext``). The CUDA
 sources in ``csrc/cuda`` share those headers but cannot be linked against the CPU build of torch, so CI only
-compile-checks them with ``nvcc -c``. The per-component Python wrappers live in ``ext_<component>.py``.
+compile-checks them with ``nvcc -c``. The per-component Python wrappers live in ``<component>/ext.py``.
 Operators register with ``TORCH_LIBRARY_FRAGMENT(lmkv, m)``, so the libraries load side by side.
 """
 

@@ -37,8 +37,11 @@ The chunk ``x`` is ``[L, 2, T, H, D]`` (layers, K/V plane, tokens, KV heads, hea
 
 5. **Blob.** ``reference.codec_format`` lays out header, bins, scales, tables, ids, lengths, payload, CRC.
 
-Invariants: ``ac_decode(ac_encode(s)) == s`` exactly; every backend produces the same bytes; ``decode(encode(x))``
-has the shape and dtype of ``x`` and is within one half quantization step of it.
+Steps 0-3 and 5 have this one implementation (:func:`encode_with` / :func:`decode_with`, which take the coder as
+an argument); only step 4 has a second, optimized backend (``lmkv.ops.codec.ac_encode`` dispatches it).
+
+Invariants: ``ac_decode(ac_encode(s)) == s`` exactly; every coder backend produces the same bytes;
+``decode(encode(x))`` has the shape and dtype of ``x`` and is within one half quantization step of it.
 """
 
 from __future__ import annotations
@@ -276,6 +279,8 @@ def build_blob(chunk: torch.Tensor, config: CodecConfig | None, coder: Coder) ->
 
 
 def encode_with(chunk: torch.Tensor, config: CodecConfig | None, coder: Coder) -> bytes:
+    """The blob pipeline: chunk ``[L, 2, T, H, D]`` or ``[L, 1, T, D]`` -> blob bytes, coding the streams with
+    ``coder`` (the reference :func:`ac_encode` or any backend of ``lmkv.ops.codec.ac_encode``)."""
     return fmt.pack(build_blob(chunk, config, coder))
 
 
@@ -292,6 +297,8 @@ def stream_tables(blob: fmt.Blob) -> torch.Tensor:
 
 
 def decode_with(blob: bytes | bytearray | memoryview, decoder: Decoder) -> torch.Tensor:
+    """Inverse of :func:`encode_with`, decoding the streams with ``decoder`` (any backend's ac_decode): blob ->
+    chunk of the encoded shape and dtype. CodecError on any bad blob, checked before the decoder runs."""
     parsed = fmt.unpack(blob)
     E, Q = parsed.exact_tokens, parsed.T - parsed.exact_tokens
     shape = (parsed.L, parsed.P, Q, parsed.H, parsed.D)

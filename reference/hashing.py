@@ -38,19 +38,16 @@ non-overlapping occurrence of the separator sequence (left to right); separators
 segment and empty segments are dropped. Segment ``[s, e)`` gets ``B(root || leaf(t[s:e]), P_SEG)``, which
 depends on its tokens and the salt only, not on its position or neighbours.
 
-Shapes: ``tokens`` is 1-D (``[T]``); every digest is 16 bytes.
+Shapes: ``tokens`` is 1-D (``[T]``); every digest is 16 bytes. Inputs arrive normalised by
+:func:`lmkv.tokens.as_tokens` (``lmkv.ops.hashing`` calls it), so the functions here take numpy arrays.
 """
 
 from __future__ import annotations
 
-import array
 import hashlib
-import numbers
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
-import torch
 
 DIGEST_SIZE = 16
 P_ROOT = b"lmkvROOT"
@@ -164,59 +161,3 @@ def token_fingerprint(tokens: np.ndarray, *, salt: bytes = b"") -> bytes:
     h = fingerprint_hasher(salt)
     h.update(canonical_bytes(tokens))
     return h.digest()
-
-
-# -- input normalisation (shared by every backend, so bad input fails the same way everywhere) --------------
-_U32_MAX = (1 << 32) - 1
-
-
-def as_tokens(tokens: Any, name: str = "tokens") -> np.ndarray:
-    """Validate token ids and return them as a 1-D contiguous int32/uint32/int64 numpy array (no copy if possible).
-
-    Raises TypeError for non-integer data and ValueError for ids outside ``[0, 2**32)`` or a non-1-D shape.
-    """
-    if isinstance(tokens, torch.Tensor):
-        if tokens.dtype == torch.bool or tokens.dtype.is_floating_point or tokens.dtype.is_complex:
-            raise TypeError(f"{name} must hold integer token ids, got a tensor of {tokens.dtype}")
-        if tokens.device.type != "cpu" or tokens.requires_grad or tokens.dtype == torch.uint16:
-            tokens = tokens.detach().cpu()
-            if tokens.dtype == torch.uint16:
-                tokens = tokens.to(torch.int32)
-        arr = tokens.numpy()  # numpy copes with strides; np.ascontiguousarray below copies only if needed
-    elif isinstance(tokens, np.ndarray):
-        arr = tokens
-    elif isinstance(tokens, (list, tuple, range, array.array)):
-        if isinstance(tokens, range):
-            arr = np.arange(tokens.start, tokens.stop, tokens.step, dtype=np.int64)
-        else:
-            try:
-                # array('I') converts and range-checks in C at ~8 ns per id: far cheaper than np.array(list).
-                arr = np.frombuffer(array.array("I", tokens), dtype=np.uint32)
-            except OverflowError:
-                raise ValueError(f"{name} must hold token ids in [0, 2**32), got {_out_of_range(tokens)}") from None
-            except TypeError:
-                bad = next((t for t in tokens if not isinstance(t, numbers.Integral)), None)
-                raise TypeError(
-                    f"{name} must hold integer token ids, got {type(bad).__name__} {bad!r}") from None
-    else:
-        raise TypeError(
-            f"{name} must be a list of ints, a numpy array or an integer tensor, got {type(tokens).__name__}")
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
-    kind = arr.dtype.kind
-    if kind not in "iu" or arr.dtype == np.bool_:
-        raise TypeError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr)
-    if arr.size and not (kind == "u" and arr.dtype.itemsize <= 4):
-        # One unsigned max finds both negatives (they wrap to huge values) and ids >= 2**32.
-        limit = _U32_MAX if arr.dtype.itemsize > 4 else (1 << (8 * arr.dtype.itemsize - 1)) - 1
-        if int(arr.view(f"u{arr.dtype.itemsize}").max()) > limit:
-            bad = arr[(arr < 0) | (arr > _U32_MAX)][0]
-            raise ValueError(f"{name} must hold token ids in [0, 2**32), got {int(bad)}")
-    if arr.dtype in (np.int32, np.uint32, np.int64):
-        return arr
-    return arr.astype(np.uint32)
-
-
-def _out_of_range(tokens: Sequence[Any]) -> Any:
-    return next((t for t in tokens if isinstance(t, numbers.Integral) and not 0 <= t <= _U32_MAX), "?")

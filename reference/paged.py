@@ -22,10 +22,13 @@ A :class:`lmkv.layouts.BlockMap` is passed as ``layout`` for blocks whose inside
 (vLLM's CPU kernels: keys head-dim-major beside token-row values, or AMX-packed pairs): a table of where each
 (plane, offset, head, dim) lives inside its block. The chunk is ``[L, 2, T, H, D]`` as for the strided layouts.
 
-Every layout is a permutation of the same five (six with the layer) axes, which :data:`LAYOUT_DIMS` records and
-:func:`canonical_layer_views` exploits: the optimized kernels only need, per layer, a base address and the
-strides of the canonical ``[P, NB, BS, H, D]`` view. The reference below indexes each layout explicitly instead,
-so that a mistake in that table shows up as a disagreement.
+Every layout is a permutation of the same five (six with the layer) axes, which
+:data:`lmkv.layouts.LAYOUT_AXES` records and :func:`lmkv.layouts.canonical_layer_views` exploits: the optimized
+kernels only need, per layer, a base address and the strides of the canonical ``[P, NB, BS, H, D]`` view. The
+reference below indexes each layout explicitly instead (its shapes, block size included, are read per layout
+here, not from that table), so that a mistake in the table shows up as a disagreement. Shared with the
+kernels are only data types: the layout names, :class:`~lmkv.layouts.BlockMap`, the raw-byte view and the
+allocation of a fresh chunk (:mod:`lmkv.layouts`).
 
 Semantics (every backend must match these bit for bit):
 
@@ -44,94 +47,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lmkv.layouts import BlockMap
-
-LAYOUTS: tuple[str, ...] = ("flash_attn", "blocks_first", "flash_attn_hnd", "blocks_first_hnd", "mla", "cross_layer")
-
-# For each layout: the index, in the engine tensor's own dim order, of the (layer, plane, block, offset, head, dim)
-# axes; -1 where the axis does not exist (per-layer tensors have no layer axis, MLA has no plane/head axis).
-# csrc/include/lmkv/paged.h holds the same table for the C++ and CUDA kernels (same layout codes: tuple index).
-LAYOUT_DIMS: dict[str, tuple[int, int, int, int, int, int]] = {
-    "flash_attn": (-1, 0, 1, 2, 3, 4),
-    "blocks_first": (-1, 1, 0, 2, 3, 4),
-    "flash_attn_hnd": (-1, 0, 1, 3, 2, 4),
-    "blocks_first_hnd": (-1, 1, 0, 3, 2, 4),
-    "mla": (-1, -1, 0, 1, -1, 2),
-    "cross_layer": (1, 2, 0, 3, 4, 5),
-}
-LAYOUT_CODES: dict[str, int] = {name: i for i, name in enumerate(LAYOUTS)}
-
-# Same-width integer type used to move each element size as raw bytes.
-_BYTES_AS_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def as_bytes_dtype(t: torch.Tensor) -> torch.Tensor:
-    """View ``t`` (any strides) as the signed integer type of the same width: a bit-preserving reinterpretation."""
-    return t.view(_BYTES_AS_INT[t.element_size()])
-
-
-Layout = str | BlockMap
-
-
-def layer_tensors(kv_caches: torch.Tensor | Sequence[torch.Tensor], layout: Layout) -> list[torch.Tensor]:
-    """The engine tensors as a list: L per-layer tensors, or ``[kv]`` for ``cross_layer``."""
-    if isinstance(kv_caches, torch.Tensor):
-        if layout != "cross_layer":
-            raise TypeError(f"kv_caches must be a list of per-layer tensors for layout {layout!r}")
-        return [kv_caches]
-    return list(kv_caches)
-
-
-def geometry_of(kv_caches: torch.Tensor | Sequence[torch.Tensor], layout: Layout
-                ) -> tuple[int, int, int, torch.dtype, int, int]:
-    """``(L, H, D, dtype, num_blocks, block_size)`` of engine tensors in ``layout`` (H = 1 for MLA)."""
-    layers = layer_tensors(kv_caches, layout)
-    first = layers[0]
-    if isinstance(layout, BlockMap):
-        return len(layers), layout.heads, layout.head_dim, first.dtype, first.shape[0], layout.block_size
-    dl, _, db, do, dh, dd = LAYOUT_DIMS[layout]
-    num_layers = first.shape[dl] if dl >= 0 else len(layers)
-    heads = first.shape[dh] if dh >= 0 else 1
-    return num_layers, heads, first.shape[dd], first.dtype, first.shape[db], first.shape[do]
-
-
-def chunk_shape(num_layers: int, num_tokens: int, heads: int, head_dim: int, layout: Layout) -> tuple[int, ...]:
-    """``[L, 2, T, H, D]``, or ``[L, 1, T, D]`` for MLA."""
-    if layout == "mla":
-        return (num_layers, 1, num_tokens, head_dim)
-    return (num_layers, 2, num_tokens, heads, head_dim)
-
-
-def new_chunk(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch.Tensor, layout: Layout
-              ) -> torch.Tensor:
-    """A fresh chunk for ``gather(out=None)``: zero-filled when some slot is skipped, so skipped rows read 0."""
-    num_layers, heads, head_dim, dtype, _, _ = geometry_of(kv_caches, layout)
-    shape = chunk_shape(num_layers, slot_mapping.shape[0], heads, head_dim, layout)
-    device = layer_tensors(kv_caches, layout)[0].device
-    if slot_mapping.numel() and bool((slot_mapping < 0).any()):
-        return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def canonical_layer_views(kv_caches: torch.Tensor | Sequence[torch.Tensor], layout: str) -> list[torch.Tensor]:
-    """Per layer, a view ``[P, NB, BS, H, D]`` of the same memory (P = H = 1 for MLA); no data is copied.
-
-    This is the whole content of a layout as far as a strided kernel is concerned.
-    """
-    dl, dp, db, do, dh, dd = LAYOUT_DIMS[layout]
-    layers = layer_tensors(kv_caches, layout)
-    if dl >= 0:
-        (kv,) = layers
-        layers = [kv.select(dl, i) for i in range(kv.shape[dl])]
-        # Selecting the layer axis removes it: later axes move one place to the left.
-        dp, db, do, dh, dd = (d - (d > dl) for d in (dp, db, do, dh, dd))
-    views = []
-    for t in layers:
-        if layout == "mla":
-            views.append(t.permute(db, do, dd)[None, :, :, None, :])
-        else:
-            views.append(t.permute(dp, db, do, dh, dd))
-    return views
+from lmkv.layouts import LAYOUTS, BlockMap, Layout, as_bytes_dtype, layer_tensors, new_chunk
 
 
 def _layer_rows(cache: torch.Tensor, layout: str, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -169,12 +85,30 @@ def _write_layer_rows(cache: torch.Tensor, layout: str, blocks: torch.Tensor, of
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
+def _block_size(cache: torch.Tensor, layout: str) -> int:
+    """BS of one layer's cache, read from where ``layout`` puts it (see the table in the module docstring)."""
+    if layout in ("flash_attn", "blocks_first"):        # [2, NB, BS, H, D], [NB, 2, BS, H, D]
+        return cache.shape[2]
+    if layout in ("flash_attn_hnd", "blocks_first_hnd"):  # [2, NB, H, BS, D], [NB, 2, H, BS, D]
+        return cache.shape[3]
+    if layout == "mla":                                   # [NB, BS, D]
+        return cache.shape[1]
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
 def _per_layer(kv_caches: torch.Tensor | Sequence[torch.Tensor], layout: str) -> tuple[list[torch.Tensor], str]:
     """Per-layer raw-byte tensors and the layout to index them with (cross_layer layer l is blocks_first)."""
     if layout == "cross_layer":
         kv = layer_tensors(kv_caches, layout)[0]             # [NB, L, 2, BS, H, D]
         return [as_bytes_dtype(kv[:, i]) for i in range(kv.shape[1])], "blocks_first"
     return [as_bytes_dtype(t) for t in layer_tensors(kv_caches, layout)], layout
+
+
+def _places(slot_mapping: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, blocks, offsets)``, each ``[T']``: the token positions that are not skipped and where they live."""
+    rows = torch.nonzero(slot_mapping >= 0).flatten()
+    slots = slot_mapping[rows]
+    return rows, slots // block_size, slots % block_size
 
 
 def _blocks(layer: torch.Tensor, block_map: BlockMap) -> torch.Tensor:
@@ -187,11 +121,9 @@ def _mapped_cells(slot_mapping: torch.Tensor, block_map: BlockMap) -> tuple[torc
                                                                              torch.Tensor]:
     """``(rows, blocks, cells)``: kept token positions ``[T']``, their blocks ``[1, T', 1, 1]`` and the element
     of each (plane, token, head, dim) inside its block, ``[2, T', H, D]``."""
-    rows = torch.nonzero(slot_mapping >= 0).flatten()
-    slots = slot_mapping[rows]
-    offsets = block_map.offsets.to(slot_mapping.device)
-    cells = offsets[:, slots % block_map.block_size]
-    return rows, (slots // block_map.block_size).view(1, -1, 1, 1), cells
+    rows, blocks, offsets = _places(slot_mapping, block_map.block_size)
+    cells = block_map.offsets.to(slot_mapping.device)[:, offsets]
+    return rows, blocks.view(1, -1, 1, 1), cells
 
 
 def _gather_mapped(layers: list[torch.Tensor], slot_mapping: torch.Tensor, block_map: BlockMap,
@@ -218,7 +150,7 @@ def gather(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch
     Args:
         kv_caches: L per-layer tensors in ``layout`` (one ``[NB, L, 2, BS, H, D]`` tensor for cross_layer).
         slot_mapping: int64 ``[T]``; ``slot = block * BS + offset``; negative = skip the token.
-        layout: one of :data:`LAYOUTS`, or a :class:`~lmkv.layouts.BlockMap`.
+        layout: one of :data:`~lmkv.layouts.LAYOUTS`, or a :class:`~lmkv.layouts.BlockMap`.
         out: optional chunk ``[L, 2, >=T, H, D]`` (MLA ``[L, 1, >=T, D]``) written in place.
 
     Returns:
@@ -230,15 +162,11 @@ def gather(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch
     """
     if out is None:
         out = new_chunk(kv_caches, slot_mapping, layout)
-    num_tokens = slot_mapping.shape[0]
-    chunk = out.narrow(2, 0, num_tokens)
+    chunk = out.narrow(2, 0, slot_mapping.shape[0])
     if isinstance(layout, BlockMap):
         return _gather_mapped(layer_tensors(kv_caches, layout), slot_mapping, layout, chunk)
     layers, layer_layout = _per_layer(kv_caches, layout)
-    block_size = geometry_of(kv_caches, layout)[5]
-    rows = torch.nonzero(slot_mapping >= 0).flatten()        # token positions that are not skipped
-    slots = slot_mapping[rows]
-    blocks, offsets = slots // block_size, slots % block_size
+    rows, blocks, offsets = _places(slot_mapping, _block_size(layers[0], layer_layout))
     target = as_bytes_dtype(chunk)
     for layer, cache in enumerate(layers):
         target[layer].index_copy_(1, rows, _layer_rows(cache, layer_layout, blocks, offsets))
@@ -253,15 +181,11 @@ def scatter(chunk: torch.Tensor, kv_caches: torch.Tensor | Sequence[torch.Tensor
     (in ``layout``'s axis order). Nothing else in ``kv_caches`` changes; scatter then gather is the identity
     on the non-skipped rows.
     """
-    num_tokens = slot_mapping.shape[0]
+    chunk = chunk.narrow(2, 0, slot_mapping.shape[0])
     if isinstance(layout, BlockMap):
-        return _scatter_mapped(chunk.narrow(2, 0, num_tokens), layer_tensors(kv_caches, layout), slot_mapping,
-                               layout)
-    source = as_bytes_dtype(chunk.narrow(2, 0, num_tokens))
+        return _scatter_mapped(chunk, layer_tensors(kv_caches, layout), slot_mapping, layout)
+    source = as_bytes_dtype(chunk)
     layers, layer_layout = _per_layer(kv_caches, layout)
-    block_size = geometry_of(kv_caches, layout)[5]
-    rows = torch.nonzero(slot_mapping >= 0).flatten()
-    slots = slot_mapping[rows]
-    blocks, offsets = slots // block_size, slots % block_size
+    rows, blocks, offsets = _places(slot_mapping, _block_size(layers[0], layer_layout))
     for layer, cache in enumerate(layers):
         _write_layer_rows(cache, layer_layout, blocks, offsets, source[layer].index_select(1, rows))

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lmkv.plan import leading_hits
+
 
 @dataclass(frozen=True)
 class Item:
@@ -100,11 +102,16 @@ class ReferenceStore:
 
     def batched_get(self, keys: Sequence[str], fingerprints: Sequence[bytes | None] | None = None
                     ) -> list[torch.Tensor | None]:
-        """Tier by tier: each tier is asked, in key order, for every key still missing, then its hits are
-        promoted (so a batch touches and promotes in the same order as the real store's one-request-per-tier
-        reads)."""
+        return [kv for kv, _ in self.get_many(keys, fingerprints)]
+
+    def get_many(self, keys: Sequence[str], fingerprints: Sequence[bytes | None] | None = None, *,
+                 prefix: bool = False) -> list[tuple[torch.Tensor | None, str | None]]:
+        """Two passes, as the real store's one-request-per-tier reads: first tier by tier, each tier is asked (and
+        touched), in key order, for every key no tier above holds; then, in key order, each found object is
+        checked against its fingerprint and promoted into the tiers above its own. ``prefix``: stop at the first
+        miss (later keys are misses, nothing of them is promoted; they were still asked for in the first pass)."""
         fps = list(fingerprints) if fingerprints is not None else [None] * len(keys)
-        out: list[torch.Tensor | None] = [None] * len(keys)
+        found: list[tuple[int, Item] | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         for i, t in enumerate(self.tiers):
             left = []
@@ -114,24 +121,25 @@ class ReferenceStore:
                     left.append(j)
                     continue
                 t.touch(keys[j])
-                if fps[j] is not None and item.fingerprint != fps[j]:
-                    continue
-                for upper in self.tiers[:i]:
-                    upper.put(keys[j], item)
-                out[j] = item.tensor()
+                found[j] = (i, item)
             todo = left
+        out: list[tuple[torch.Tensor | None, str | None]] = [(None, None)] * len(keys)
+        for j, hit in enumerate(found):
+            if hit is None or (fps[j] is not None and hit[1].fingerprint != fps[j]):
+                if prefix:
+                    break
+                continue
+            i, item = hit
+            for upper in self.tiers[:i]:
+                upper.put(keys[j], item)
+            out[j] = (item.tensor(), self.tiers[i].name)
         return out
 
     def contains(self, key: str) -> bool:
         return any(key in t.objects for t in self.tiers)
 
     def batched_contains(self, keys: Sequence[str]) -> int:
-        n = 0
-        for k in keys:
-            if not self.contains(k):
-                break
-            n += 1
-        return n
+        return leading_hits(self.contains(k) for k in keys)
 
     def remove(self, key: str) -> bool:
         found = False

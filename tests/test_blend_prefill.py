@@ -8,18 +8,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmkv.blending import (
+from lmkv.errors import ConfigError
+from lmkv.hf import (
     Segment,
     blend_prefill,
+    build_cache,
     cache_for_generate,
     cache_to_kv,
     kv_deviation_by_layer,
-    kv_to_cache,
     prefill_kv,
     rope_spec,
     segments_from_chunks,
 )
-from lmkv.errors import ConfigError
 from lmkv.models import tiny_model
 from lmkv.ops import blend
 
@@ -54,7 +54,7 @@ def plain_reuse(m, ids: torch.Tensor, segs: list[Segment]) -> tuple[torch.Tensor
         kv[:, 0, s.start:s.end] = blend.rerotate(s.kv[:, 0], torch.arange(s.old_start, s.old_start + t),
                                                  torch.arange(s.start, s.end), spec, backend="reference")
         kv[:, 1, s.start:s.end] = s.kv[:, 1]
-    cache = kv_to_cache(kv)
+    cache = build_cache(kv)
     out = m(input_ids=ids[None, covered:], past_key_values=cache, use_cache=True)
     return cache_to_kv(out.past_key_values), out.logits[0, -1]
 
@@ -253,3 +253,39 @@ def test_bad_input_is_refused_with_the_argument_named() -> None:
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(ConfigError, match="model"):
         blend_prefill(gpt2, ids, [])
+
+
+def test_unsupported_setups_raise_the_one_error() -> None:
+    """generate and blend share one support check; what it refuses is lmkv.errors.Unsupported, naming what."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmkv.errors import Unsupported
+    from lmkv.hf import refuse_unsupported
+
+    sliding = tiny_model("mistral", seed=1, sliding_window=8)
+    for blend_too in (False, True):
+        with pytest.raises(Unsupported, match="sliding"):
+            refuse_unsupported(sliding, blend=blend_too)
+    with pytest.raises(Unsupported, match="sliding"):
+        blend_prefill(sliding, torch.arange(4), [])
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    refuse_unsupported(gpt2)  # prefix reuse serves any full-attention model
+    with pytest.raises(Unsupported, match="model types"):
+        refuse_unsupported(gpt2, blend=True)
+    yarn = model("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(Unsupported, match="yarn"):
+        blend_prefill(yarn, torch.arange(4), [])
+    assert issubclass(Unsupported, NotImplementedError) and issubclass(Unsupported, ConfigError)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reference_backend_is_the_same_prefill(arch: str) -> None:
+    """blend_prefill(backend=...) A/Bs the spec and the fast path on a real HF model: same selection, close KV."""
+    m = model(arch)
+    ids, segs = build(m, chunk_tokens(8, [11, 9, 7]), [2, 0, 1], [5, 6])
+    runs = {b: blend_prefill(m, ids, segs, ratio=0.3, check_layers=(1, 2), backend=b) for b in ("reference", "fast")}
+    (ref_cache, ref_logits, ref_stats), (fast_cache, fast_logits, fast_stats) = runs["reference"], runs["fast"]
+    assert ref_stats.active_per_layer == fast_stats.active_per_layer
+    assert all(torch.equal(ref_stats.selected[k], fast_stats.selected[k]) for k in ref_stats.selected)
+    torch.testing.assert_close(cache_to_kv(fast_cache), cache_to_kv(ref_cache), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_logits, ref_logits, atol=1e-4, rtol=1e-4)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is a top-level package of the checkout
-from experiments import blend_quality as bq  # noqa: E402
+from lmkv.tools import quality as bq
 
 
 def test_rouge_l_known_values() -> None:

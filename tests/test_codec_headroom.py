@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is a top-level package of the checkout
-from experiments.codec_frontier import anchor_delta_rows, klt_rows  # noqa: E402
+from experiments.codec_frontier import anchor_delta_rows, klt_rows  # importable: pyproject's pytest pythonpath = "."
 
 
 def _by(rows: list[dict], plane: str, group: int) -> dict:

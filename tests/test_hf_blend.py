@@ -81,3 +81,28 @@ def test_blend_without_separator_in_prompt_is_a_plain_prefill(setup) -> None:
     assert torch.equal(out.sequences, model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
                                                      do_sample=False))
     engine.close()
+
+
+def test_blend_segments_the_prompt_once_and_reads_storage_in_one_batch(setup, monkeypatch) -> None:
+    from lmkv.ops import hashing
+
+    model, engine = setup
+    a, b, q = _chunk(11, 9), _chunk(12, 7), _chunk(13, 3)
+    lmkv.hf.generate(model, _prompt(a, b, q), engine=engine, blend=True, blend_separator=SEP, max_new_tokens=1)
+    calls = {"segment_keys": 0, "retrieve_segments": 0}
+    seg_keys, retrieve = hashing.segment_keys, engine.retrieve_segments
+
+    def counted_keys(*args, **kwargs):
+        calls["segment_keys"] += 1
+        return seg_keys(*args, **kwargs)
+
+    def counted_retrieve(*args, **kwargs):
+        calls["retrieve_segments"] += 1
+        return retrieve(*args, **kwargs)
+
+    monkeypatch.setattr(hashing, "segment_keys", counted_keys)
+    monkeypatch.setattr(engine, "retrieve_segments", counted_retrieve)
+    out = lmkv.hf.generate(model, _prompt(b, a, q), engine=engine, blend=True, blend_separator=SEP, max_new_tokens=1)
+    assert out.stats.blend["reused_tokens"] == 16
+    assert calls == {"segment_keys": 1, "retrieve_segments": 1}
+    engine.close()

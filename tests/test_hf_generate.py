@@ -155,6 +155,37 @@ def test_refusals(tmp_path: Path) -> None:
     engine.close()
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch, module, names: tuple[str, ...]) -> dict[str, int]:
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        def counted(*args, _name=name, _fn=getattr(module, name), **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_generate_hashes_the_prompt_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request = one pass: lookup, retrieve and store of a generate call share one chunk plan."""
+    from lmkv.ops import hashing
+
+    model = tiny_model("llama", seed=2)
+    engine = KVEngine.for_model(model, _cfg(tmp_path))
+    prompt = _ids(53, seed=12)
+    calls = _count_calls(monkeypatch, hashing, ("chunk_keys", "batch_chunk_keys", "prefix_fingerprints"))
+    for label, want_hit in (("cold", 0), ("warm", 48)):
+        calls.update(dict.fromkeys(calls, 0))
+        out = lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=2)
+        assert out.stats.hit_tokens == want_hit, label
+        assert calls["chunk_keys"] + calls["batch_chunk_keys"] == 1, (label, calls)  # the prompt's keys, once
+        assert calls["prefix_fingerprints"] <= 1, (label, calls)  # its fingerprints, at most once (lazily)
+    calls.update(dict.fromkeys(calls, 0))
+    lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=20, store_generated=True)
+    assert calls["chunk_keys"] + calls["batch_chunk_keys"] == 2, calls  # the prompt, then the longer sequence
+    engine.close()
+
+
 def test_build_cache_roundtrip() -> None:
     kv = torch.randn(3, 2, 7, 2, 8)
     assert torch.equal(lmkv.hf.cache_to_kv(lmkv.hf.build_cache(kv)), kv)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from redis_server import RedisServer
 
+from lmkv.plan import leading_hits
 from lmkv.storage import MemoryTier, TieredStore
 from lmkv.storage.disk import DiskTier
 from lmkv.storage.redis_tier import RedisTier
@@ -47,15 +48,15 @@ def _read(tier, key):
 def test_redis_roundtrip_batches_and_one_value_per_object(server: RedisServer) -> None:
     tier = _tier(server)
     kvs = {f"k{i}": _kv(i) for i in range(5)}
-    tier.batched_put([(k, RawSerde().encode(k, v, b"fp")) for k, v in kvs.items()])
+    tier.put_many([(k, RawSerde().encode(k, v, b"fp")) for k, v in kvs.items()])
     tier.flush()
     assert tier.client.dbsize() == 5  # exactly one Redis value per object
-    got = tier.batched_get([*kvs, "missing"])
+    got = tier.get_many([*kvs, "missing"])
     assert got[-1] is None
     for v, obj in zip(kvs.values(), got):
         with obj:
             assert obj.owned and torch.equal(RawSerde().decode(obj), v)
-    assert tier.batched_contains(["k0", "k1", "nope", "k2"]) == 2
+    assert leading_hits(tier.contains_many(["k0", "k1", "nope", "k2"])) == 2
     assert tier.remove("k0") and not tier.contains("k0") and not tier.remove("k0")
     tier.flush()
     assert tier.client.dbsize() == 4 and tier.stats()["puts"] == 5
@@ -132,7 +133,7 @@ def test_unreachable_server_never_blocks_beyond_the_timeout() -> None:
     t0 = time.monotonic()
     assert tier.get("k") is None
     assert not tier.put("k", RawSerde().encode("k", _kv(0), b""))  # dropped at once while down
-    assert tier.get("k") is None and not tier.contains("k") and tier.batched_get(["a", "b"]) == [None, None]
+    assert tier.get("k") is None and not tier.contains("k") and tier.get_many(["a", "b"]) == [None, None]
     assert time.monotonic() - t0 < 1.0
     tier.close()
 

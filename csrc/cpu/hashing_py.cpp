@@ -1,7 +1,7 @@
 // lmkv chunk hashing on CPU, called straight from Python (CPython C API, METH_FASTCALL): no torch dispatcher,
 // no tensor wrapping, and Python lists are read in C, so a short prompt costs a few microseconds, not tens.
 //
-// Limits: CPython only. The functions are handed to optimized/ext_hashing.py as a dict by
+// Limits: CPython only. The functions are handed to optimized/hashing/ext.py as a dict by
 // lmkv_hashing_api(), which it calls once through ctypes.PyDLL on the library that load_component("hashing")
 // built (this file is part of it). Tokens are a list/tuple of ints or a 1-D C-contiguous native-endian integer
 // buffer (numpy array); anything else, or an id outside [0, 2**32), returns None so that the Python side can

@@ -51,7 +51,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from lmkv import config as lmkv_config
 from lmkv.adapters.vllm_layout import VERIFIED_ISAS, calibrate, cpu_attn_block_map
-from lmkv.errors import ConfigError, GeometryMismatch
+from lmkv.errors import ConfigError, GeometryMismatch, Unsupported
 from lmkv.layouts import BlockMap
 from lmkv.types import KVGeometry
 
@@ -62,8 +62,9 @@ ADAPTER_KEYS = ("config_path", "events_path", "sync_save")
 VLLM_VERSION = getattr(vllm, "__version__", "unknown")
 
 
-class UnsupportedVllmSetup(NotImplementedError):
-    """This vLLM configuration or version is outside what the connector can serve correctly."""
+class UnsupportedVllmSetup(Unsupported):
+    """This vLLM configuration or version is outside what the connector can serve correctly (lmkv's one
+    :class:`lmkv.errors.Unsupported`, named for vLLM; still a NotImplementedError as before)."""
 
 
 def _refuse(what: str) -> UnsupportedVllmSetup:
@@ -188,35 +189,38 @@ def cpu_block_map(kv_caches: dict[str, torch.Tensor], layer: Any, backend_name: 
     return expected
 
 
-# One engine per (configuration, geometry, model, rank) and process: when vLLM runs the scheduler and the
-# worker in one process they share it, RAM tier included.
-_ENGINES: dict[tuple, Any] = {}
-_ENGINES_LOCK = threading.Lock()
+class EngineRegistry:
+    """The worker's KVEngine of each vLLM engine instance in this process, by (vLLM engine id, TP rank).
+
+    vLLM creates the scheduler and the worker connector separately; when both live in one process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) the scheduler finds the worker's engine here and looks up every tier,
+    RAM included. The key is vLLM's own identity of the engine (``kv_transfer_config.engine_id``, a UUID both
+    roles share), so two vLLM engines in one process never share an lmkv engine by accident.
+    """
+
+    def __init__(self) -> None:
+        self._engines: dict[tuple[str, int], Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, engine_id: str, rank: int) -> Any:
+        with self._lock:
+            return self._engines.get((engine_id, rank))
+
+    def get_or_create(self, engine_id: str, rank: int, make: Any) -> Any:
+        with self._lock:
+            eng = self._engines.get((engine_id, rank))
+            if eng is None:
+                eng = self._engines[(engine_id, rank)] = make()
+            return eng
+
+    def drop(self, eng: Any) -> None:
+        with self._lock:
+            for k, v in list(self._engines.items()):
+                if v is eng:
+                    del self._engines[k]
 
 
-def _engine_key(cfg: Any, geometry: KVGeometry, model_id: str, rank: int, world_size: int) -> tuple:
-    return (json.dumps(cfg.to_dict(), sort_keys=True, default=str), geometry.tag(), model_id, rank, world_size)
-
-
-def shared_engine(cfg: Any, geometry: KVGeometry, model_id: str, rank: int, world_size: int, *,
-                  create: bool) -> Any:
-    """The process's engine for this key; created when ``create`` (worker), else None when absent."""
-    key = _engine_key(cfg, geometry, model_id, rank, world_size)
-    with _ENGINES_LOCK:
-        eng = _ENGINES.get(key)
-        if eng is None and create:
-            from lmkv.engine import KVEngine
-
-            eng = KVEngine(cfg, geometry, model_id=model_id, rank=rank, world_size=world_size)
-            _ENGINES[key] = eng
-        return eng
-
-
-def _drop_engine(eng: Any) -> None:
-    with _ENGINES_LOCK:
-        for k, v in list(_ENGINES.items()):
-            if v is eng:
-                del _ENGINES[k]
+REGISTRY = EngineRegistry()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -252,10 +256,12 @@ class LmkvConnector(KVConnectorBase_V1):
         # scheduler state
         self._reqs: dict[str, _ReqState] = {}
         self._lookup_at: dict[str, tuple[int, int]] = {}  # req -> (stored extent, local computed) of last lookup
+        self._plans: dict[str, Any] = {}  # req -> ChunkPlan of its prompt (hashed once, dropped when it ends)
         self._probe_engine: Any = None
+        self._registry = REGISTRY
+        self._engine_id = str(getattr(self._kv_transfer_config, "engine_id", None) or id(vllm_config))
         # worker state
-        self._kv_views: list[torch.Tensor] | None = None
-        self._layout: BlockMap | None = None
+        self._kv: Any = None  # lmkv.ops.paged.PagedCache of vLLM's tensors: validated once, at registration
         self._load_errors: set[int] = set()
         self._rank = 0
         self._event("init", role=role.name, vllm=VLLM_VERSION)
@@ -332,10 +338,11 @@ class LmkvConnector(KVConnectorBase_V1):
         kernel_bs = block_map.block_size
         if self.block_size % kernel_bs:
             raise _refuse(f"kernel block size {kernel_bs} does not divide block_size {self.block_size}")
-        self._kv_views, self._layout = views, block_map
+        from lmkv.ops import paged
+
+        self._kv = paged.PagedCache(views, block_map)
         self._rank = self._tp_rank()
-        self._engine = shared_engine(self.lmkv_config, self.geometry, self.model_id, self._rank, self.world_size,
-                                     create=True)
+        self._engine = self._registry.get_or_create(self._engine_id, self._rank, self._new_engine)
         self._event("register", layout=block_map.name, backend=backend, kernel=getattr(layer, "isa", None),
                     layers=len(views), shape=list(first.shape), kernel_block_size=kernel_bs, rank=self._rank)
         log.info("LmkvConnector: %d layers, layout %s (calibrated), geometry %s", len(views), block_map.name,
@@ -369,7 +376,7 @@ class LmkvConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, LmkvConnectorMetadata) or not meta.loads:
             return
-        if self._kv_views is None or self._engine is None:
+        if self._kv is None or self._engine is None:
             raise RuntimeError("LmkvConnector.start_load_kv before register_kv_caches")
         for spec in meta.loads:
             t0 = time.perf_counter()
@@ -378,7 +385,7 @@ class LmkvConnector(KVConnectorBase_V1):
                 extent = len(spec.token_ids)
                 slots = slot_mapping_for(spec.block_ids, self.block_size, extent, lo=spec.skip, hi=spec.end)
                 start = spec.skip - spec.skip % self._engine.chunk_size
-                n = self._engine.retrieve_paged(spec.token_ids, self._kv_views, slots, layout=self._layout,
+                n = self._engine.retrieve_paged(spec.token_ids, self._kv, slots,
                                                 start=start, end=extent)
                 valid = max(spec.skip, min(int(n), spec.end))
             except Exception as exc:  # noqa: BLE001 - a failed load is recomputed, never served
@@ -404,14 +411,14 @@ class LmkvConnector(KVConnectorBase_V1):
         meta = self._connector_metadata
         if not isinstance(meta, LmkvConnectorMetadata) or not meta.saves:
             return
-        if self._kv_views is None or self._engine is None:
+        if self._kv is None or self._engine is None:
             raise RuntimeError("LmkvConnector.wait_for_save before register_kv_caches")
         for spec in meta.saves:
             t0 = time.perf_counter()
             stored = 0
             try:
                 slots = slot_mapping_for(spec.block_ids, self.block_size, len(spec.token_ids))
-                stored = self._engine.store_paged(spec.token_ids, self._kv_views, slots, layout=self._layout,
+                stored = self._engine.store_paged(spec.token_ids, self._kv, slots,
                                                   start=spec.start)
             except Exception as exc:  # noqa: BLE001 - a failed save is a future miss, not an outage
                 log.warning("LmkvConnector: save of request %s failed (%s: %s)", spec.req_id, type(exc).__name__,
@@ -436,7 +443,7 @@ class LmkvConnector(KVConnectorBase_V1):
                 stats = eng.stats()
                 self._event("shutdown", stats={k: v for k, v in stats.items() if not isinstance(v, dict)})
             finally:
-                _drop_engine(eng)
+                self._registry.drop(eng)
                 eng.close()
         probe, self._probe_engine = self._probe_engine, None
         if probe is not None:
@@ -445,9 +452,15 @@ class LmkvConnector(KVConnectorBase_V1):
     # ======================================================================================================
     # Scheduler side
     # ======================================================================================================
+    def _new_engine(self) -> Any:
+        from lmkv.engine import KVEngine
+
+        return KVEngine(self.lmkv_config, self.geometry, model_id=self.model_id, rank=self._rank,
+                        world_size=self.world_size)
+
     def _open_probe_engine(self) -> None:
         """The scheduler's own engine over the shared tiers, unless this process already hosts the worker's."""
-        if shared_engine(self.lmkv_config, self.geometry, self.model_id, 0, self.world_size, create=False):
+        if self._registry.get(self._engine_id, 0) is not None:
             return
         cfg = self.lmkv_config
         if not (cfg.disk.enabled or cfg.redis.enabled):
@@ -460,14 +473,21 @@ class LmkvConnector(KVConnectorBase_V1):
         self._probe_engine = KVEngine(shared, self.geometry, model_id=self.model_id, rank=0,
                                       world_size=self.world_size)
 
-    def _lookup(self, tokens: list[int]) -> int:
-        """Leading tokens of ``tokens`` that the worker can load (see the module docstring)."""
-        eng = shared_engine(self.lmkv_config, self.geometry, self.model_id, 0, self.world_size, create=False)
-        if eng is not None:  # same process as the worker: its engine sees every tier
-            return int(eng.lookup(tokens))
-        if self._probe_engine is None:
+    def _lookup(self, rid: str, tokens: list[int]) -> int:
+        """Leading tokens of ``tokens`` that the worker can load (see the module docstring).
+
+        vLLM asks again for a request that waits for blocks; its plan (the hashed prompt) is kept until it ends.
+        """
+        eng = self._registry.get(self._engine_id, 0)
+        shared_only = eng is None  # same process as the worker: its engine sees every tier, RAM included
+        eng = eng if eng is not None else self._probe_engine
+        if eng is None:
             return 0
-        return int(_shared_tier_lookup(self._probe_engine, tokens))
+        plan = self._plans.get(rid)
+        if plan is None:
+            plan = self._plans[rid] = eng.plan(tokens)
+        # Another process's RAM is invisible: the probe engine asks only the tiers both see (disk files, Redis).
+        return int(eng.lookup(plan, shared_only=shared_only))
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         if not self.is_consumer:
@@ -476,7 +496,7 @@ class LmkvConnector(KVConnectorBase_V1):
         if len(prompt) < 2:
             return 0, False
         try:
-            extent = min(self._lookup(prompt), len(prompt))
+            extent = min(self._lookup(request.request_id, prompt), len(prompt))
         except Exception as exc:  # noqa: BLE001 - an unreachable tier is a miss
             log.warning("LmkvConnector: lookup failed (%s: %s); treating as a miss", type(exc).__name__, exc)
             extent = 0
@@ -536,40 +556,16 @@ class LmkvConnector(KVConnectorBase_V1):
         rid = request.request_id
         self._reqs.pop(rid, None)
         self._lookup_at.pop(rid, None)
-        self._event("finished", req=rid, tracked=len(self._reqs), lookups_pending=len(self._lookup_at))
+        self._plans.pop(rid, None)
+        self._event("finished", req=rid, tracked=len(self._reqs) + len(self._plans),
+                    lookups_pending=len(self._lookup_at))
         return False, None
 
     def debug_state(self) -> dict[str, int]:
         """Sizes of the per-request tables (tests assert they drain to zero)."""
-        return {"requests": len(self._reqs), "lookups": len(self._lookup_at), "load_errors": len(self._load_errors)}
-
-
-def _shared_tier_lookup(engine: Any, tokens: list[int]) -> int:
-    """Prefix lookup over the tiers another process can see: disk objects by file, Redis by key.
-
-    The disk tier's index is built when it opens, so files the worker wrote since then are probed on disk.
-    """
-    tiers = list(getattr(getattr(engine, "storage", None), "tiers", []))
-
-    def contains(key: str) -> bool:
-        for tier in tiers:
-            if tier.contains(key):
-                return True
-            file_for = getattr(tier, "file_for", None)
-            if file_for is not None and os.path.isfile(file_for(key)):
-                return True
-        return False
-
-    def leading(keys: list[str]) -> int:
-        n = 0
-        for key in keys:
-            if not contains(key):
-                break
-            n += 1
-        return n
-
-    return int(engine.db.lookup(tokens, leading))
+        return {"requests": len(self._reqs), "lookups": len(self._lookup_at), "load_errors": len(self._load_errors),
+                "plans": len(self._plans)}
 
 
 __all__ = ["LmkvConnector", "LmkvConnectorMetadata", "LoadSpec", "SaveSpec", "UnsupportedVllmSetup",
-           "cpu_block_map", "slot_mapping_for", "TESTED_VLLM"]
+           "cpu_block_map", "slot_mapping_for", "TESTED_VLLM", "EngineRegistry"]

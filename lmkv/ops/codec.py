@@ -1,9 +1,14 @@
-"""CacheGen KV codec: quantize, tables, range coding and the blob format, behind one interface.
+"""CacheGen KV codec: quantize, tables, range coding and the blob format.
 
 ``encode(chunk [L, 2, T, H, D] or [L, 1, T, D], *, config=None, backend=None) -> bytes`` and
-``decode(blob, *, backend=None) -> Tensor`` (same shape and dtype). Backends: ``ext`` (C++ coder, OpenMP over
-streams; auto on CPU) and the pure-Python ``reference`` (readable, slow: small inputs). All produce identical
-bytes. A bad blob raises :class:`lmkv.errors.CodecError`; bad arguments raise ValueError/TypeError naming them.
+``decode(blob, *, backend=None) -> Tensor`` (same shape and dtype) run the one pipeline of
+:mod:`lmkv.reference.codec` (quantize -> streams -> tables -> coder -> blob). Only the range coder has two
+implementations, so only it is dispatched: the ops ``codec.ac_encode`` / ``codec.ac_decode`` have the ``ext``
+backend (C++ coder, OpenMP over streams; auto on CPU) and the pure-Python ``reference`` (readable, slow: small
+inputs), and they produce identical bytes. ``backend=`` of :func:`encode` / :func:`decode` selects the coder
+(as do ``use_backend("codec.*=ext")`` and ``LMKV_BACKEND``). :func:`quantize`, :func:`dequantize` and
+:func:`cdf` are plain functions. A bad blob raises :class:`lmkv.errors.CodecError`; bad arguments raise
+ValueError/TypeError naming them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from lmkv.config import CodecConfig
 from lmkv.reference import codec as ref
 from lmkv.reference import codec_format as fmt
 
-_EXT = "lmkv.optimized.ext_codec"
+_EXT = "lmkv.optimized.codec.ext"
 
 
 def _ext(fn: str) -> Backend:
@@ -40,18 +45,9 @@ def _check_chunk(chunk: Any, config: Any) -> None:
         raise ValueError("chunk: contains NaN or inf; the codec quantizes finite values only")
 
 
-def _validate_encode(chunk: Any, *, config: Any = None) -> tuple[tuple, dict]:
-    _check_chunk(chunk, config)
-    return (chunk.detach().cpu(),), {"config": config}
-
-
 def _validate_decode(blob: Any) -> None:
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise TypeError(f"blob: expected bytes, got {type(blob).__name__}")
-
-
-def _validate_quantize(chunk: Any, config: Any = None) -> None:
-    _check_chunk(chunk, config)
 
 
 def _check_cdf(cdf: Any) -> torch.Tensor:
@@ -95,13 +91,55 @@ def _validate_ac_decode(data: Any, lengths: Any, cdf: Any, num_tokens: Any) -> N
         raise ValueError(f"num_tokens: expected an int >= 0, got {num_tokens!r}")
 
 
-quantize = register(Op("codec.quantize", ref.quantize, validate=_validate_quantize))
-dequantize = register(Op("codec.dequantize", ref.dequantize))
-cdf = register(Op("codec.cdf", ref.cdf))
 ac_encode = register(Op("codec.ac_encode", ref.ac_encode, _ext("ac_encode"), validate=_validate_ac_encode))
 ac_decode = register(Op("codec.ac_decode", ref.ac_decode, _ext("ac_decode"), validate=_validate_ac_decode))
-encode = register(Op("codec.encode", ref.encode, _ext("encode"), validate=_validate_encode))
-decode = register(Op("codec.decode", ref.decode, _ext("decode"), validate=_validate_decode))
+
+
+def encode(chunk: torch.Tensor, *, config: CodecConfig | None = None, backend: str | None = None) -> bytes:
+    """chunk ``[L, 2, T, H, D]`` or MLA ``[L, 1, T, D]`` (fp32/fp16/bf16, any device) -> blob bytes.
+
+    ``backend`` selects the coder (``"ext"``, ``"reference"``, ``"auto"``; None: ``use_backend`` /
+    ``LMKV_BACKEND`` for ``codec.ac_encode``, then auto). Every coder gives the same bytes.
+    """
+    _check_chunk(chunk, config)
+    # The pipeline builds valid symbols and tables by construction: call the coder itself, not the Op, so the
+    # Op's argument checks (passes over every symbol and table row) are not paid on every chunk.
+    _, coder = ac_encode.resolve(backend, "cpu")
+    return ref.encode_with(chunk.detach().cpu(), config, coder)
+
+
+def decode(blob: bytes | bytearray | memoryview, *, backend: str | None = None) -> torch.Tensor:
+    """blob -> chunk of the encoded shape and dtype, on the CPU; CodecError on any bad blob.
+
+    ``backend`` selects the coder as in :func:`encode`. The blob's structure is checked before any stream is
+    decoded, so the coder only ever sees consistent lengths and tables.
+    """
+    _validate_decode(blob)
+    _, decoder = ac_decode.resolve(backend, "cpu")
+    return ref.decode_with(blob, decoder)
+
+
+def quantize(chunk: torch.Tensor, config: CodecConfig | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """chunk ``[L, 2, T, H, D]`` (or ``[L, 1, T, D]``) -> (symbols uint8 of the same shape, scales per plane).
+
+    ``scales[p]`` is bfloat16 ``[L, T, 1, 1]`` (per token) or ``[L, 1, H, D]`` (per channel); see
+    :func:`lmkv.reference.codec.quantize`. Bad arguments (and NaN/inf) raise ValueError/TypeError naming them.
+    """
+    _check_chunk(chunk, config)
+    return ref.quantize(chunk, config)
+
+
+def dequantize(symbols: torch.Tensor, scales: tuple[torch.Tensor, ...], bins: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize`: symbols ``[L, 2, T, H, D]`` (or ``[L, 1, T, D]``) uint8, scales as
+    :func:`quantize` returns them, bins ``[L, P]`` -> values of ``dtype``, same shape."""
+    return ref.dequantize(symbols, scales, bins, dtype)
+
+
+def cdf(symbols: torch.Tensor, nbins: int) -> torch.Tensor:
+    """Per-stream 16-bit cumulative tables: symbols ``[S, T]`` (values < nbins) -> ``[S, nbins + 1]`` int32,
+    rising from 0 to 2**16, every occurring symbol with a non-zero frequency."""
+    return ref.cdf(symbols, nbins)
 
 
 def resolve_bins(config: CodecConfig | None, num_layers: int, planes: int = 2) -> torch.Tensor:

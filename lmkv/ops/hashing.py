@@ -7,7 +7,8 @@ endianness and ``PYTHONHASHSEED``; Python's ``hash()`` is never used.
 
 Backends: ``ext`` (C++, eight leaves per SIMD vector, OpenMP; auto on CPU) and ``reference`` (hashlib).
 ``tokens`` may be a list/tuple of ints, a numpy array or an integer torch tensor (any device; copied to the
-CPU), with values in ``[0, 2**32)``; anything else is a TypeError/ValueError naming the argument.
+CPU), with values in ``[0, 2**32)``; anything else is a TypeError/ValueError naming the argument
+(:func:`lmkv.tokens.as_tokens`, re-exported here, is the one normalisation every backend shares).
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import torch
 
 from lmkv._dispatch import Backend, Op, register
 from lmkv.reference import hashing as ref
-from lmkv.reference.hashing import _out_of_range, as_tokens  # noqa: F401  (re-exported)
+from lmkv.tokens import as_tokens
 
 DIGEST_SIZE = ref.DIGEST_SIZE
-_U32_MAX = (1 << 32) - 1
 
 
 def _check_chunk_size(chunk_size: Any) -> int:
@@ -106,7 +106,7 @@ def _ref_batch_chunk_keys(sequences: Sequence[Any], **options: Any) -> list[list
 _ref_chunk_keys.__doc__ = ref.chunk_keys.__doc__
 _ref_batch_chunk_keys.__doc__ = ref.batch_chunk_keys.__doc__
 
-_EXT = "lmkv.optimized.ext_hashing"
+_EXT = "lmkv.optimized.hashing.ext"
 
 chunk_keys = register(Op(
     "hashing.chunk_keys", _ref_chunk_keys,

@@ -2,7 +2,13 @@
 
 ``gather(kv_caches, slot_mapping, *, layout, out=None, backend=None) -> chunk`` and
 ``scatter(chunk, kv_caches, slot_mapping, *, layout, backend=None)``; chunk ``[L, 2, T, H, D]`` (MLA
-``[L, 1, T, D]``). The layouts and the exact semantics are specified in :mod:`lmkv.reference.paged`.
+``[L, 1, T, D]``). The layouts and the exact semantics are specified in :mod:`lmkv.reference.paged`; the layout
+table and the other shared data types live in :mod:`lmkv.layouts`.
+
+``kv_caches`` is a list of engine tensors (validated on every call) or a :class:`PagedCache`, a handle that
+validated them once: an engine passes the same L tensors on every step, and checking L shapes, dtypes and
+devices costs more than a small gather, so it keeps a handle per registered cache and only the slots and the
+chunk are checked per call.
 
 Backends: ``ext`` (C++ CPU op, auto on CPU), ``triton`` (auto on CUDA; on CPU only interpreted, for tests),
 ``reference``. Every input is checked by :func:`validate` before any backend runs, so bad input raises a
@@ -11,25 +17,62 @@ ValueError/TypeError naming the argument and nothing is written.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from lmkv._dispatch import Backend, Op, register
-from lmkv.layouts import BlockMap
+from lmkv.layouts import LAYOUT_AXES, LAYOUTS, BlockMap, Layout, PagedGeometry, chunk_for, chunk_shape, geometry_of
 from lmkv.reference import paged as ref
 from lmkv.types import DTYPE_NAMES
 
-LAYOUTS = ref.LAYOUTS
-LAYOUT_DIMS = ref.LAYOUT_DIMS
-geometry_of = ref.geometry_of
-
-_NDIM = {"flash_attn": 5, "blocks_first": 5, "flash_attn_hnd": 5, "blocks_first_hnd": 5, "mla": 3, "cross_layer": 6}
+LAYOUT_DIMS = LAYOUT_AXES  # the old name of the table: {layout: Axes(layer, plane, block, offset, head, dim)}
+__all__ = ["gather", "scatter", "PagedCache", "validate", "detect_layout", "geometry_of", "LAYOUTS", "LAYOUT_DIMS",
+           "LAYOUT_AXES"]
 
 
-def _check_layout(layout: object) -> str | BlockMap:
+class PagedCache:
+    """An engine's paged KV tensors, validated once, for :func:`gather`/:func:`scatter` in place of the list.
+
+    Args:
+        kv_caches: L per-layer tensors in ``layout`` (one ``[NB, L, 2, BS, H, D]`` tensor for ``cross_layer``).
+        layout: one of :data:`LAYOUTS`, or a :class:`~lmkv.layouts.BlockMap`.
+
+    Raises ValueError/TypeError naming the argument, as a call with the list would. The handle keeps the
+    tensors it validated (a copy of the list): replacing an entry of the caller's list afterwards does not
+    reach it; build a new handle when the engine re-allocates its cache. A tensor resized in place
+    (``resize_``/``set_``) after validation is not re-checked.
+    """
+
+    __slots__ = ("layout", "layers", "geometry", "device", "_kv")
+
+    def __init__(self, kv_caches: torch.Tensor | Sequence[torch.Tensor], layout: Layout) -> None:
+        self.layout: Layout = _check_layout(layout)
+        layers = _check_caches(kv_caches, self.layout)
+        self.layers: tuple[torch.Tensor, ...] = tuple(layers)
+        self.geometry: PagedGeometry = geometry_of(layers, self.layout)
+        self.device: torch.device = layers[0].device
+        # What the backends receive: the list, or the single cross_layer tensor.
+        self._kv: list[torch.Tensor] | torch.Tensor = layers[0] if self.layout == "cross_layer" else layers
+
+    @property
+    def capacity(self) -> int:
+        """Token slots: ``NB * BS``."""
+        return self.geometry.num_blocks * self.geometry.block_size
+
+    def chunk_shape(self, num_tokens: int) -> tuple[int, ...]:
+        """``[L, 2, T, H, D]`` (MLA ``[L, 1, T, D]``) of a chunk of ``num_tokens`` tokens of this cache."""
+        g = self.geometry
+        return chunk_shape(g.num_layers, num_tokens, g.heads, g.head_dim, self.layout)
+
+    def __repr__(self) -> str:
+        g = self.geometry
+        return (f"PagedCache({self.layout!r}, L={g.num_layers}, NB={g.num_blocks}, BS={g.block_size}, "
+                f"H={g.heads}, D={g.head_dim}, {g.dtype}, {self.device})")
+
+
+def _check_layout(layout: object) -> Layout:
     if isinstance(layout, BlockMap):
         return layout
     if not isinstance(layout, str) or layout not in LAYOUTS:
@@ -37,39 +80,8 @@ def _check_layout(layout: object) -> str | BlockMap:
     return layout
 
 
-# Engine tensors that passed _check_caches, by (layout, ids): an engine passes the same L tensors on every call,
-# and checking L shapes/dtypes/devices costs more than a small gather. Weak references make a reused id a miss;
-# a tensor resized in place (resize_/set_) after its first call is not re-checked.
-_CHECKED: dict[tuple, list[weakref.ref]] = {}
-_CHECKED_MAX = 32
-
-
-def _check_caches(kv_caches: object, layout: str | BlockMap) -> list[torch.Tensor]:
-    """The engine tensors as a list, after checking that they agree with each other and with ``layout``."""
-    layers = _checked_before(kv_caches, layout)
-    if layers is not None:
-        return layers
-    layers = _check_caches_fully(kv_caches, layout)
-    if len(_CHECKED) >= _CHECKED_MAX:
-        _CHECKED.pop(next(iter(_CHECKED)), None)
-    _CHECKED[(layout, *map(id, layers))] = [weakref.ref(t) for t in layers]
-    return layers
-
-
-def _checked_before(kv_caches: object, layout: str | BlockMap) -> list[torch.Tensor] | None:
-    if isinstance(kv_caches, torch.Tensor):
-        layers = [kv_caches]
-    elif isinstance(kv_caches, (list, tuple)):
-        layers = list(kv_caches)
-    else:
-        return None
-    refs = _CHECKED.get((layout, *map(id, layers)))
-    if refs is None or not all(r() is t for r, t in zip(refs, layers, strict=True)):
-        return None
-    return layers
-
-
-def _check_caches_fully(kv_caches: object, layout: str | BlockMap) -> list[torch.Tensor]:
+def _layer_list(kv_caches: object, layout: Layout) -> list[torch.Tensor]:
+    """``kv_caches`` as a non-empty list, refusing a single tensor except for ``cross_layer``."""
     if isinstance(kv_caches, torch.Tensor) and isinstance(layout, BlockMap):
         raise TypeError("kv_caches must be a list of per-layer tensors for a BlockMap layout, got one tensor")
     if isinstance(kv_caches, torch.Tensor):
@@ -85,21 +97,18 @@ def _check_caches_fully(kv_caches: object, layout: str | BlockMap) -> list[torch
         raise ValueError("kv_caches is empty")
     if layout == "cross_layer" and len(layers) != 1:
         raise ValueError(f"kv_caches for layout 'cross_layer' is one [NB, L, 2, BS, H, D] tensor, got {len(layers)}")
-    first = layers[0]
-    if not isinstance(first, torch.Tensor):
-        raise TypeError(f"kv_caches[0] must be a torch.Tensor, got {type(first).__name__}")
-    if first.dtype not in DTYPE_NAMES:
-        raise TypeError(f"kv_caches dtype {first.dtype} is not supported (supported: {list(DTYPE_NAMES)})")
-    if isinstance(layout, BlockMap):
-        _check_mapped_blocks(first, layout)
-    elif first.dim() != _NDIM[layout]:
-        raise ValueError(f"kv_caches[0] has shape {tuple(first.shape)}; layout {layout!r} needs {_NDIM[layout]} dims")
-    shape, dtype, device = first.shape, first.dtype, first.device
+    return layers
+
+
+def _check_uniform(layers: list[torch.Tensor]) -> None:
+    """Every layer has layer 0's shape, dtype and device; names the first one that does not."""
     try:  # one pass over the layers in C speed; the loop below only runs to name the odd one out
-        uniform = len({(t.shape, t.dtype, t.device) for t in layers}) == 1
+        if len({(t.shape, t.dtype, t.device) for t in layers}) == 1:
+            return
     except (AttributeError, TypeError):
-        uniform = False
-    for i, t in enumerate([] if uniform else layers):
+        pass
+    shape, dtype, device = layers[0].shape, layers[0].dtype, layers[0].device
+    for i, t in enumerate(layers):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"kv_caches[{i}] must be a torch.Tensor, got {type(t).__name__}")
         if t.shape != shape:
@@ -108,11 +117,28 @@ def _check_caches_fully(kv_caches: object, layout: str | BlockMap) -> list[torch
             raise TypeError(f"kv_caches[{i}] has dtype {t.dtype}, kv_caches[0] has {dtype}")
         if t.device != device:
             raise ValueError(f"kv_caches[{i}] is on {t.device}, kv_caches[0] is on {device}")
-    _, dp, _, _, _, _ = (-1,) * 6 if isinstance(layout, BlockMap) else LAYOUT_DIMS[layout]
-    if dp >= 0 and first.shape[dp] != 2:
-        raise ValueError(f"kv_caches has shape {tuple(shape)}: the K/V axis (dim {dp}) of layout {layout!r} must be 2")
+
+
+def _check_caches(kv_caches: object, layout: Layout) -> list[torch.Tensor]:
+    """The engine tensors as a list, after checking that they agree with each other and with ``layout``."""
+    layers = _layer_list(kv_caches, layout)
+    first = layers[0]
+    if not isinstance(first, torch.Tensor):
+        raise TypeError(f"kv_caches[0] must be a torch.Tensor, got {type(first).__name__}")
+    if first.dtype not in DTYPE_NAMES:
+        raise TypeError(f"kv_caches dtype {first.dtype} is not supported (supported: {list(DTYPE_NAMES)})")
+    if isinstance(layout, BlockMap):
+        _check_mapped_blocks(first, layout)
+    elif first.dim() != LAYOUT_AXES[layout].ndim:
+        raise ValueError(f"kv_caches[0] has shape {tuple(first.shape)}; layout {layout!r} needs "
+                         f"{LAYOUT_AXES[layout].ndim} dims")
+    _check_uniform(layers)
+    plane = -1 if isinstance(layout, BlockMap) else LAYOUT_AXES[layout].plane
+    if plane >= 0 and first.shape[plane] != 2:
+        raise ValueError(f"kv_caches has shape {tuple(first.shape)}: the K/V axis (dim {plane}) of layout "
+                         f"{layout!r} must be 2")
     if first.numel() == 0:
-        raise ValueError(f"kv_caches has an empty shape {tuple(shape)}")
+        raise ValueError(f"kv_caches has an empty shape {tuple(first.shape)}")
     return layers
 
 
@@ -172,10 +198,21 @@ def _check_chunk(chunk: object, name: str, want: tuple[int, ...], dtype: torch.d
         raise ValueError(f"{name} is too small: {got[2]} token rows for {want[2]} slots")
 
 
-def validate(*args, **kwargs) -> tuple[tuple, dict]:
-    """Shared check of gather and scatter arguments; returns them normalised (kv_caches as a list).
+def _paged_cache(kv_caches: object, layout: object) -> PagedCache:
+    """The handle itself (its layout must match ``layout`` if one is given), or a fresh one over the list."""
+    if isinstance(kv_caches, PagedCache):
+        if layout is not None and layout != kv_caches.layout:
+            raise ValueError(f"layout {layout!r} differs from the layout of the PagedCache ({kv_caches.layout!r})")
+        return kv_caches
+    return PagedCache(kv_caches, layout)  # type: ignore[arg-type]  # wrong types are refused inside, by name
 
-    Raises ValueError/TypeError naming the argument: unknown layout, mismatched layers, unsupported dtype,
+
+def validate(*args, **kwargs) -> tuple[tuple, dict]:
+    """Shared check of gather and scatter arguments; returns them normalised for the backends.
+
+    ``kv_caches`` (a list, or a :class:`PagedCache` whose tensors are not checked again) becomes the list of
+    engine tensors (the single tensor for cross_layer) and ``layout`` the validated layout. Raises
+    ValueError/TypeError naming the argument: unknown layout, mismatched layers, unsupported dtype,
     slot_mapping not int64 ``[T]`` or with a slot >= NB * BS (or, for scatter, a duplicate), a chunk/out of the
     wrong shape, dtype or device, or with fewer than T token rows. Gather with ``out=None`` gets its chunk
     allocated here, so every backend writes into the same kind of buffer.
@@ -186,37 +223,61 @@ def validate(*args, **kwargs) -> tuple[tuple, dict]:
     else:
         kv_caches, slot_mapping = args
         chunk = kwargs.get("out")
-    layout = _check_layout(kwargs.get("layout"))
-    layers = _check_caches(kv_caches, layout)
-    num_layers, heads, head_dim, dtype, num_blocks, block_size = ref.geometry_of(layers, layout)
-    device = layers[0].device
-    _check_slots(slot_mapping, num_blocks * block_size, device, distinct=is_scatter)
-    want = ref.chunk_shape(num_layers, slot_mapping.shape[0], heads, head_dim, layout)
-    name = "chunk" if is_scatter else "out"
+    cache = _paged_cache(kv_caches, kwargs.get("layout"))
+    kwargs["layout"] = cache.layout
+    _check_slots(slot_mapping, cache.capacity, cache.device, distinct=is_scatter)
     if chunk is None:
-        kwargs["out"] = ref.new_chunk(layers, slot_mapping, layout)
+        kwargs["out"] = chunk_for(cache.geometry, slot_mapping, cache.layout, cache.device)
     else:
-        _check_chunk(chunk, name, want, dtype, device)
-    kv = layers[0] if layout == "cross_layer" else layers
-    return ((chunk, kv, slot_mapping) if is_scatter else (kv, slot_mapping)), kwargs
+        _check_chunk(chunk, "chunk" if is_scatter else "out", cache.chunk_shape(slot_mapping.shape[0]),
+                     cache.geometry.dtype, cache.device)
+    return ((chunk, cache._kv, slot_mapping) if is_scatter else (cache._kv, slot_mapping)), kwargs
 
 
 def _validate_scatter(*args, **kwargs) -> tuple[tuple, dict]:
     return validate(*args, _scatter=True, **kwargs)
 
 
+_EXT, _TRITON = "lmkv.optimized.paged.ext", "lmkv.optimized.paged.triton"
+
 gather = register(Op(
     "paged.gather", ref.gather,
-    Backend("ext", "lmkv.optimized.ext_paged:gather", devices={"cpu"}, auto_devices={"cpu"}),
-    Backend("triton", "lmkv.optimized.triton.paged:gather", devices={"cpu", "cuda"}, auto_devices={"cuda"}),
+    Backend("ext", f"{_EXT}:gather", devices={"cpu"}, auto_devices={"cpu"}),
+    Backend("triton", f"{_TRITON}:gather", devices={"cpu", "cuda"}, auto_devices={"cuda"}),
     validate=validate,
 ))
 scatter = register(Op(
     "paged.scatter", ref.scatter,
-    Backend("ext", "lmkv.optimized.ext_paged:scatter", devices={"cpu"}, auto_devices={"cpu"}),
-    Backend("triton", "lmkv.optimized.triton.paged:scatter", devices={"cpu", "cuda"}, auto_devices={"cuda"}),
+    Backend("ext", f"{_EXT}:scatter", devices={"cpu"}, auto_devices={"cpu"}),
+    Backend("triton", f"{_TRITON}:scatter", devices={"cpu", "cuda"}, auto_devices={"cuda"}),
     validate=_validate_scatter,
 ))
+
+
+def _layout_candidates(kv_caches: torch.Tensor | Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[str]]:
+    """The tensors as a list and the named layouts whose number of dims fits them."""
+    if isinstance(kv_caches, torch.Tensor):
+        if kv_caches.dim() != 6:
+            raise ValueError(f"kv_caches is one tensor of shape {tuple(kv_caches.shape)}; only cross_layer "
+                             "([NB, L, 2, BS, H, D]) is a single tensor, otherwise pass a list of per-layer tensors")
+        return [kv_caches], ["cross_layer"]
+    layers = list(kv_caches)
+    if not layers or not isinstance(layers[0], torch.Tensor):
+        raise ValueError("kv_caches must be a non-empty list of tensors")
+    if len(layers) == 1 and layers[0].dim() == 6:
+        return layers, ["cross_layer"]
+    return layers, [n for n in LAYOUTS if n != "cross_layer" and LAYOUT_AXES[n].ndim == layers[0].dim()]
+
+
+def _fits(name: str, shape: torch.Size, num_layers: int, hints: dict[str, int | None]) -> bool:
+    """Whether a tensor of ``shape`` (one of ``num_layers``) can be layout ``name`` with these hints."""
+    axes = LAYOUT_AXES[name]
+    if axes.plane >= 0 and shape[axes.plane] != 2:
+        return False
+    got = {"num_layers": shape[axes.layer] if axes.layer >= 0 else num_layers,
+           "num_kv_heads": shape[axes.head] if axes.head >= 0 else 1,
+           "head_dim": shape[axes.dim], "block_size": shape[axes.offset]}
+    return all(v is None or got[k] == v for k, v in hints.items())
 
 
 def detect_layout(kv_caches: torch.Tensor | Sequence[torch.Tensor], *, num_layers: int | None = None,
@@ -228,35 +289,11 @@ def detect_layout(kv_caches: torch.Tensor | Sequence[torch.Tensor], *, num_layer
     hints you have: ``num_kv_heads`` and ``block_size`` separate NHD from HND, ``num_layers`` confirms
     cross_layer. Raises ValueError naming what is ambiguous or inconsistent instead of guessing.
     """
-    if isinstance(kv_caches, torch.Tensor):
-        if kv_caches.dim() == 6:
-            candidates = ["cross_layer"]
-        else:
-            raise ValueError(f"kv_caches is one tensor of shape {tuple(kv_caches.shape)}; only cross_layer "
-                             "([NB, L, 2, BS, H, D]) is a single tensor, otherwise pass a list of per-layer tensors")
-        layers = [kv_caches]
-    else:
-        layers = list(kv_caches)
-        if not layers or not isinstance(layers[0], torch.Tensor):
-            raise ValueError("kv_caches must be a non-empty list of tensors")
-        if len(layers) == 1 and layers[0].dim() == 6:
-            candidates = ["cross_layer"]
-        else:
-            candidates = [name for name in LAYOUTS if name != "cross_layer" and _NDIM[name] == layers[0].dim()]
+    layers, candidates = _layout_candidates(kv_caches)
     if mla is not None:
         candidates = [c for c in candidates if (c == "mla") == mla]
-    hints = {"heads": num_kv_heads, "head_dim": head_dim, "block_size": block_size}
-    fits = []
-    for name in candidates:
-        shape = layers[0].shape
-        dl, dp, _, do, dh, dd = LAYOUT_DIMS[name]
-        if dp >= 0 and shape[dp] != 2:
-            continue
-        if num_layers is not None and (shape[dl] if dl >= 0 else len(layers)) != num_layers:
-            continue
-        got = {"heads": shape[dh] if dh >= 0 else 1, "head_dim": shape[dd], "block_size": shape[do]}
-        if all(v is None or got[k] == v for k, v in hints.items()):
-            fits.append(name)
+    hints = {"num_layers": num_layers, "num_kv_heads": num_kv_heads, "head_dim": head_dim, "block_size": block_size}
+    fits = [name for name in candidates if _fits(name, layers[0].shape, len(layers), hints)]
     if len(fits) == 1:
         return fits[0]
     shape = tuple(layers[0].shape)
@@ -265,4 +302,3 @@ def detect_layout(kv_caches: torch.Tensor | Sequence[torch.Tensor], *, num_layer
                          f"num_layers={num_layers}, num_kv_heads={num_kv_heads}, head_dim={head_dim}, "
                          f"block_size={block_size}")
     raise ValueError(f"kv_caches of shape {shape} are ambiguous between {fits}: pass num_kv_heads/block_size")
-

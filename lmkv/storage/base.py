@@ -6,6 +6,11 @@ hands an object to the caller, who must release it. ``put`` may complete asynchr
 every write accepted so far, and reads see pending writes (read-your-writes) in the meantime. A tier never
 raises for a miss, a corrupt object or an unreachable backend: those are misses (with a warning) and dropped
 writes, counted in :meth:`stats`.
+
+The ``*_many`` forms take a batch and answer in order; a remote tier answers a batch in one round trip (Redis:
+one pipeline), which is how :class:`lmkv.storage.TieredStore` asks each tier once per call. ``shared`` says
+whether another process sees what this tier holds (disk, Redis: yes; the process's RAM pool: no): the vLLM
+scheduler looks up only those. Local tiers get the batch forms from :class:`OneByOne`.
 """
 
 from __future__ import annotations
@@ -24,18 +29,19 @@ log = logging.getLogger("lmkv.storage")
 @runtime_checkable
 class Tier(Protocol):
     name: str
+    shared: bool
 
     def contains(self, key: str) -> bool: ...
 
-    def batched_contains(self, keys: Sequence[str]) -> int: ...
+    def contains_many(self, keys: Sequence[str]) -> list[bool]: ...
 
     def put(self, key: str, obj: Encoded) -> bool: ...
 
-    def batched_put(self, items: Sequence[tuple[str, Encoded]]) -> None: ...
+    def put_many(self, items: Sequence[tuple[str, Encoded]]) -> None: ...
 
     def get(self, key: str) -> Encoded | None: ...
 
-    def batched_get(self, keys: Sequence[str]) -> list[Encoded | None]: ...
+    def get_many(self, keys: Sequence[str]) -> list[Encoded | None]: ...
 
     def remove(self, key: str) -> bool: ...
 
@@ -85,10 +91,15 @@ class WarnOnce:
             self._seen.discard(kind)
 
 
-def batched_contains_leading(tier: Tier, keys: Sequence[str]) -> int:
-    n = 0
-    for k in keys:
-        if not tier.contains(k):
-            break
-        n += 1
-    return n
+class OneByOne:
+    """The batch forms of the Tier protocol for a local tier, where a batch costs what its items cost."""
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        return [self.contains(k) for k in keys]  # type: ignore[attr-defined]
+
+    def get_many(self, keys: Sequence[str]) -> list[Encoded | None]:
+        return [self.get(k) for k in keys]  # type: ignore[attr-defined]
+
+    def put_many(self, items: Sequence[tuple[str, Encoded]]) -> None:
+        for key, obj in items:
+            self.put(key, obj)  # type: ignore[attr-defined]

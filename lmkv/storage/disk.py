@@ -25,14 +25,13 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lmkv.errors import CorruptObject
-from lmkv.storage.base import TierStats, WarnOnce, batched_contains_leading, log
+from lmkv.storage.base import OneByOne, TierStats, WarnOnce, log
 from lmkv.storage.objects import MAX_HEADER, Encoded, parse_header, verify_payload
 from lmkv.storage.policy import make_policy
 
@@ -60,8 +59,9 @@ class _Job:
 _STALE_TMP_S = 600.0
 
 
-class DiskTier:
+class DiskTier(OneByOne):
     name = "disk"
+    shared = True  # other processes on this machine see the directory (contains/get adopt their files)
 
     def __init__(self, path: str | os.PathLike[str], capacity: int, *, io_threads: int = 2,
                  o_direct: bool = False, policy: str = "lru") -> None:
@@ -207,10 +207,6 @@ class DiskTier:
             self._work.notify()
         return True
 
-    def batched_put(self, items: Sequence[tuple[str, Encoded]]) -> None:
-        for key, obj in items:
-            self.put(key, obj)
-
     def _write(self, job: _Job) -> None:
         final = self._fname(job.key)
         tmp = f"{final}.{os.getpid()}-{next(self._tmp_ids)}.tmp"
@@ -248,9 +244,12 @@ class DiskTier:
                     del self._pending[job.key]
                 if not published:
                     self._usage -= job.size
+            # Release the source (often a pinned view of the memory tier) before flush can see this write done:
+            # otherwise flush returns while the pin is still held (a flaky "slots still pinned" in tests).
+            self._job_release(job)
+            with self._lock:
                 self._inflight -= 1
                 self._idle.notify_all()
-            self._job_release(job)
 
     def _job_release(self, job: _Job) -> None:
         with self._lock:
@@ -306,9 +305,6 @@ class DiskTier:
             self._usage += st.st_size
             self._make_room(0)
             return key in self._index
-
-    def batched_contains(self, keys: Sequence[str]) -> int:
-        return batched_contains_leading(self, keys)
 
     def get(self, key: str) -> Encoded | None:
         with self._lock:
@@ -388,9 +384,6 @@ class DiskTier:
         payload = data[header.header_len:]
         verify_payload(header, payload)
         return Encoded(header, payload, owned=True, keepalive=keep)
-
-    def batched_get(self, keys: Sequence[str]) -> list[Encoded | None]:
-        return [self.get(k) for k in keys]
 
     # -- removal and lifecycle -----------------------------------------------------------------------
     def remove(self, key: str) -> bool:

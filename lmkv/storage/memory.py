@@ -20,12 +20,11 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from lmkv.storage.base import TierStats, WarnOnce, batched_contains_leading
+from lmkv.storage.base import OneByOne, TierStats, WarnOnce
 from lmkv.storage.objects import Encoded, ObjectHeader
 from lmkv.storage.policy import make_policy
 
@@ -91,8 +90,9 @@ class _Slot:
     dead: bool = False  # unlinked from the index; freed at the last unpin
 
 
-class MemoryTier:
+class MemoryTier(OneByOne):
     name = "memory"
+    shared = False  # this process's RAM
 
     def __init__(self, capacity: int, *, policy: str = "lru", pinned: bool = False) -> None:
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
@@ -186,9 +186,6 @@ class MemoryTier:
         with self._lock:
             return key in self._index
 
-    def batched_contains(self, keys: Sequence[str]) -> int:
-        return batched_contains_leading(self, keys)
-
     def put(self, key: str, obj: Encoded) -> bool:
         """Copy ``obj`` into the pool (synchronously) and release it. False when it does not fit."""
         try:
@@ -229,10 +226,6 @@ class MemoryTier:
         finally:
             obj.release()
 
-    def batched_put(self, items: Sequence[tuple[str, Encoded]]) -> None:
-        for key, obj in items:
-            self.put(key, obj)
-
     def _lease(self, key: str, *, count: bool) -> Encoded | None:
         with self._lock:
             slot = self._index.get(key)
@@ -256,9 +249,6 @@ class MemoryTier:
     def peek(self, key: str) -> Encoded | None:
         """Like get, without touching counters or recency (used to feed lower tiers)."""
         return self._lease(key, count=False)
-
-    def batched_get(self, keys: Sequence[str]) -> list[Encoded | None]:
-        return [self.get(k) for k in keys]
 
     def remove(self, key: str) -> bool:
         with self._lock:

@@ -42,6 +42,7 @@ class _Op:
 
 class RedisTier:
     name = "redis"
+    shared = True
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, password: str = "", key_prefix: str = "lmkv:",
                  socket_timeout: float = 0.5, retry_backoff: float = 1.0) -> None:
@@ -140,7 +141,7 @@ class RedisTier:
             self._work.notify()
         return True
 
-    def batched_put(self, items: Sequence[tuple[str, Encoded]]) -> None:
+    def put_many(self, items: Sequence[tuple[str, Encoded]]) -> None:
         for key, obj in items:
             self.put(key, obj)
 
@@ -205,10 +206,11 @@ class RedisTier:
                             self._stats.rejected += 1
                     if self._pending.get(op.key) is op:
                         del self._pending[op.key]
-                    self._inflight -= 1
-                self._idle.notify_all()
-            for op in batch:
+            for op in batch:  # release the sources (memory-tier pins) before flush can see the batch done
                 self._op_release(op)
+            with self._lock:
+                self._inflight -= len(batch)
+                self._idle.notify_all()
 
     def _send_packed(self, ops: list[_Op]) -> None:
         """One pipelined round trip of SET/DEL commands, packed by hand so that each value is ONE bulk string
@@ -305,14 +307,6 @@ class RedisTier:
         remote = self._call(fetch, None) or [0] * len(keys)
         return [(op.obj is not None) if op is not None else bool(r) for op, r in zip(ops, remote)]
 
-    def batched_contains(self, keys: Sequence[str]) -> int:
-        n = 0
-        for hit in self.contains_many(keys):
-            if not hit:
-                break
-            n += 1
-        return n
-
     def _decode(self, key: str, value: Any) -> Encoded | None:
         if value is None:
             return None
@@ -347,7 +341,8 @@ class RedisTier:
         self._count(obj)
         return obj
 
-    def batched_get(self, keys: Sequence[str]) -> list[Encoded | None]:
+    def get_many(self, keys: Sequence[str]) -> list[Encoded | None]:
+        """Every key in one pipelined round trip (pending writes answer locally)."""
         keys = list(keys)
         out: list[Encoded | None] = [None] * len(keys)
         remote: list[int] = []

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from lmkv.errors import CorruptObject
+from lmkv.plan import leading_hits
 from lmkv.storage.base import Tier, log
 from lmkv.storage.memory import MemoryTier
 from lmkv.storage.objects import MAX_FINGERPRINT, MAX_NDIM, Encoded, dtype_code, validate_fields
@@ -102,13 +103,18 @@ class TieredStore:
             raise ValueError("store is closed")
         self._store(range(len(self.tiers)), key, kv.detach(), bytes(fingerprint))
 
+    def put_many(self, items: Sequence[tuple[str, torch.Tensor, bytes]]) -> None:
+        """``put`` of every ``(key, kv, fingerprint)``; arguments are all checked before anything is written."""
+        items = list(items)
+        for k, kv, fp in items:
+            _check_put_args(k, kv, fp)
+        for k, kv, fp in items:
+            self._store(range(len(self.tiers)), k, kv.detach(), bytes(fp))
+
     def batched_put(self, keys: Sequence[str], kvs: Sequence[torch.Tensor], fingerprints: Sequence[bytes]) -> None:
         if not (len(keys) == len(kvs) == len(fingerprints)):
             raise ValueError("keys, kvs and fingerprints must have the same length")
-        for k, kv, fp in zip(keys, kvs, fingerprints):
-            _check_put_args(k, kv, fp)
-        for k, kv, fp in zip(keys, kvs, fingerprints):
-            self._store(range(len(self.tiers)), k, kv.detach(), bytes(fp))
+        self.put_many(list(zip(keys, kvs, fingerprints, strict=True)))
 
     def _bump(self, key: str) -> None:
         with self._lock:
@@ -252,34 +258,92 @@ class TieredStore:
     def batched_get(self, keys: Sequence[str], fingerprints: Sequence[bytes | None] | None = None
                     ) -> list[torch.Tensor | None]:
         """One result per key; each tier is asked once for every key still missing (Redis: one round trip)."""
+        return [kv for kv, _ in self.get_many(keys, fingerprints)]
+
+    def get_many(self, keys: Sequence[str], fingerprints: Sequence[bytes | None] | None = None, *,
+                 prefix: bool = False, out: Callable[[int], torch.Tensor | None] | None = None,
+                 on_hit: Callable[[int, torch.Tensor, str], None] | None = None
+                 ) -> list[tuple[torch.Tensor | None, str | None]]:
+        """``(kv, tier name)`` per key (``(None, None)`` for a miss), asking each tier once for the keys still missing.
+
+        Args:
+            keys, fingerprints: what to read; a fingerprint mismatch is a miss (the key is taken by other tokens).
+            prefix: stop at the first miss (a prefix read): later keys are misses, their objects are not decoded.
+            out: ``out(i)`` is a contiguous buffer to decode key ``i`` into (or None: a fresh tensor). A reused
+                buffer is overwritten by the next decode into it: consume each hit in ``on_hit``.
+            on_hit: called as ``on_hit(i, kv, tier)`` in key order, right after key ``i`` decodes.
+        """
         keys = list(keys)
         fps = list(fingerprints) if fingerprints is not None else [None] * len(keys)
         if len(fps) != len(keys):
             raise ValueError(f"fingerprints has {len(fps)} entries for {len(keys)} keys")
-        out: list[torch.Tensor | None] = [None] * len(keys)
+        fetched = self._fetch_many(keys)
+        result: list[tuple[torch.Tensor | None, str | None]] = [(None, None)] * len(keys)
+        hits: list[tuple[int, str, torch.Tensor, bytes]] = []
+        stopped = False
+        for i, key in enumerate(keys):
+            if stopped:
+                if fetched[i] is not None:
+                    fetched[i][1].release()
+                continue
+            buf = out(i) if out is not None else None
+            hit = self._decode_fetched(i, key, fetched[i], fps[i], buf)
+            if hit is None:
+                self._miss(key)
+                stopped = prefix
+                continue
+            idx, kv, stored_fp = hit
+            result[i] = (kv, self.tiers[idx].name)
+            if on_hit is not None:
+                on_hit(i, kv, self.tiers[idx].name)
+            # Promotion waits until every fetched object is released (a pinned memory slot cannot make room);
+            # a hit decoded into a reused buffer is copied for it, as the next decode overwrites the buffer.
+            hits.append((idx, key, kv.clone() if idx and buf is not None else kv, stored_fp))
+        for idx, key, kv, stored_fp in hits:
+            self._hit(idx, key, kv, stored_fp)
+        return result
+
+    def _fetch_many(self, keys: list[str]) -> list[tuple[int, Encoded] | None]:
+        """The first tier's object for every key: one ``get_many`` per tier, for the keys still missing."""
+        fetched: list[tuple[int, Encoded] | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         for idx, tier in enumerate(self.tiers):
             if not todo:
                 break
-            objs = tier.batched_get([keys[i] for i in todo])
+            objs = tier.get_many([keys[i] for i in todo])
             left = []
-            for i, obj in zip(todo, objs):
+            for i, obj in zip(todo, objs, strict=True):
                 if obj is None:
                     left.append(i)
-                    continue
-                fp = obj.header.fingerprint
-                kv = self._decode(idx, keys[i], obj, fps[i], None)
-                if kv is None:
-                    if not (fps[i] is not None and fp != fps[i]):
-                        left.append(i)
-                    continue
-                out[i] = kv
-                self._hit(idx, keys[i], kv, fp)
+                else:
+                    fetched[i] = (idx, obj)
             todo = left
-        for i, kv in enumerate(out):
-            if kv is None:
-                self._miss(keys[i])
-        return out
+        return fetched
+
+    def _decode_fetched(self, i: int, key: str, first: tuple[int, Encoded] | None, fingerprint: bytes | None,
+                        out: torch.Tensor | None) -> tuple[int, torch.Tensor, bytes] | None:
+        """Decode the fetched object; if it is corrupt, try the tiers below it one by one (the rare path)."""
+        if first is None:
+            return None
+        idx, obj = first
+        while True:
+            stored_fp = obj.header.fingerprint
+            kv = self._decode(idx, key, obj, fingerprint, out)
+            if kv is not None:
+                return idx, kv, stored_fp
+            if fingerprint is not None and stored_fp != fingerprint:
+                return None  # the key is taken by other tokens: lower tiers hold the same object
+            nxt = self._get_below(idx, key)
+            if nxt is None:
+                return None
+            idx, obj = nxt
+
+    def _get_below(self, idx: int, key: str) -> tuple[int, Encoded] | None:
+        for j in range(idx + 1, len(self.tiers)):
+            obj = self.tiers[j].get(key)
+            if obj is not None:
+                return j, obj
+        return None
 
     def last_hit_tier(self, key: str) -> str | None:
         """Name of the tier that served the most recent hit of ``key`` (None after a miss)."""
@@ -289,25 +353,26 @@ class TieredStore:
     def contains(self, key: str) -> bool:
         return any(t.contains(key) for t in self.tiers)
 
-    def batched_contains(self, keys: Sequence[str]) -> int:
-        """How many of ``keys``, from the first, are held by some tier (prefix lookup)."""
+    def contains_many(self, keys: Sequence[str], *, shared_only: bool = False) -> list[bool]:
+        """Whether some tier holds each key; each tier is asked once for the keys not found above it.
+
+        ``shared_only``: ask only the tiers another process sees (disk, Redis), as the vLLM scheduler must.
+        """
         keys = list(keys)
         hit = [False] * len(keys)
         for tier in self.tiers:
             todo = [i for i, h in enumerate(hit) if not h]
             if not todo:
                 break
-            many = getattr(tier, "contains_many", None)
-            sub = [keys[i] for i in todo]
-            found = many(sub) if many is not None else [tier.contains(k) for k in sub]
-            for i, f in zip(todo, found):
-                hit[i] = bool(f)
-        n = 0
-        for h in hit:
-            if not h:
-                break
-            n += 1
-        return n
+            if shared_only and not tier.shared:
+                continue
+            for i, found in zip(todo, tier.contains_many([keys[i] for i in todo]), strict=True):
+                hit[i] = bool(found)
+        return hit
+
+    def batched_contains(self, keys: Sequence[str], *, shared_only: bool = False) -> int:
+        """How many of ``keys``, from the first, are held by some tier (prefix lookup)."""
+        return leading_hits(self.contains_many(keys, shared_only=shared_only))
 
     def remove(self, key: str) -> bool:
         self._bump(key)
@@ -323,11 +388,9 @@ class TieredStore:
         keys = list(keys)
 
         def job() -> int:
-            n = 0
-            for k in keys:
-                if self.tiers[0].contains(k) or self.get(k) is not None:
-                    n += 1
-            return n
+            top = self.tiers[0].contains_many(keys)
+            cold = [k for k, h in zip(keys, top, strict=True) if not h]
+            return sum(top) + sum(kv is not None for kv, _ in self.get_many(cold))  # hits are promoted
 
         return self._spawn(job)
 

@@ -1,7 +1,7 @@
 // Index math of paged gather/scatter, shared by csrc/cpu/paged.cpp and csrc/cuda/paged.cu.
 //
 // Torch-free and CUDA-free: plain C++17 that nvcc/hipcc compile for the device too (LMKV_HD).
-// The layout table mirrors LAYOUT_DIMS in reference/paged.py (layout code = index in LAYOUTS there).
+// The layout table mirrors LAYOUT_AXES in lmkv/layouts.py (layout code = index in LAYOUTS there).
 // Strides and offsets are in ELEMENTS and int64: a multi-GiB cache overflows int32 offsets.
 #pragma once
 

@@ -308,7 +308,7 @@ def test_ext_refuses_then_names_bad_ids() -> None:
 
 def test_ext_torch_op_adapter_agrees() -> None:
     """The torch.ops.lmkv.hashing_* operators (the second adapter over the same core) give the same digests."""
-    from lmkv.optimized import ext_hashing as E
+    from lmkv.optimized.hashing import ext as E
 
     seqs = [torch.arange(1000, dtype=torch.int64), torch.arange(77, dtype=torch.int32),
             torch.tensor([], dtype=torch.int64)]

@@ -16,7 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lmkv.adapters.vllm_layout import cpu_attn_block_map
-from lmkv.layouts import BlockMap
+from lmkv.layouts import BlockMap, as_bytes_dtype
 from lmkv.ops import paged
 from lmkv.reference import paged as ref
 
@@ -82,12 +82,12 @@ def poisoned_chunk(case: MapCase, gen: torch.Generator) -> torch.Tensor:
         t = big[:, :, 1:, :, :shape[4]].transpose(2, 3)
     else:
         t = _random_bytes(shape, case.dtype, gen)
-    ref.as_bytes_dtype(t).fill_(_word(t))
+    as_bytes_dtype(t).fill_(_word(t))
     return t
 
 
 def _bytes(x: torch.Tensor) -> torch.Tensor:
-    return ref.as_bytes_dtype(x)
+    return as_bytes_dtype(x)
 
 
 @st.composite
@@ -298,7 +298,7 @@ def test_ext_mapped_op_checks_itself() -> None:
     """Direct torch.ops calls (no Python validation) refuse out-of-range slots and short blocks before writing."""
     if paged.gather.unavailable_reason("ext"):
         pytest.skip("ext unavailable")
-    import lmkv.optimized.ext_paged  # noqa: F401 - registers the ops
+    import lmkv.optimized.paged.ext  # noqa: F401 - registers the ops
 
     out = torch.zeros(1, 2, 2, 2, 3)
     with pytest.raises(RuntimeError, match="out of range"):
@@ -306,3 +306,26 @@ def test_ext_mapped_op_checks_itself() -> None:
     with pytest.raises(RuntimeError, match="at least 48"):
         torch.ops.lmkv.paged_gather_mapped([torch.zeros(3, 40)], torch.tensor([0]), _bm().offsets, out)
     assert bool((out == 0).all())
+
+
+def test_mapped_handle_and_list_move_identical_bytes() -> None:
+    """A PagedCache over BlockMap tensors gathers and scatters exactly what the list does."""
+    for case in EDGES:
+        gen = torch.Generator().manual_seed(case.seed)
+        bm = case.block_map()
+        caches = make_caches(case, bm, gen)
+        handle = paged.PagedCache(caches, bm)
+        slots = torch.tensor(case.slots, dtype=torch.int64)
+        for backend in paged.gather.available_backends("cpu"):
+            by_list, by_handle = poisoned_chunk(case, gen), poisoned_chunk(case, gen)
+            paged.gather(caches, slots, layout=bm, out=by_list, backend=backend)
+            paged.gather(handle, slots, out=by_handle, backend=backend)
+            assert torch.equal(_bytes(by_list), _bytes(by_handle)), backend
+        if len({s for s in case.slots if s >= 0}) != sum(s >= 0 for s in case.slots):
+            continue  # scatter targets must be distinct
+        chunk = _random_bytes(case.chunk_shape(len(case.slots)), case.dtype, gen)
+        for backend in paged.scatter.available_backends("cpu"):
+            other = [c.clone() for c in caches]
+            paged.scatter(chunk, other, slots, layout=bm, backend=backend)
+            paged.scatter(chunk, handle, slots, backend=backend)
+            assert all(torch.equal(_bytes(a), _bytes(b)) for a, b in zip(caches, other, strict=True)), backend

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from lmkv.optimized.triton import unavailable_reason as unavailable_reason
-from lmkv.reference.rope import RopeSpec
+from lmkv.rope import RopeSpec
 
 
 @triton.jit

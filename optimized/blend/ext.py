@@ -11,7 +11,7 @@ import torch
 
 from lmkv.optimized.ext import load_component
 from lmkv.optimized.ext import unavailable_reason as unavailable_reason
-from lmkv.reference.rope import RopeSpec
+from lmkv.rope import RopeSpec
 
 load_component("blend")
 

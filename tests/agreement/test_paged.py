@@ -14,6 +14,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from lmkv.layouts import LAYOUT_CODES, as_bytes_dtype, chunk_shape
 from lmkv.ops import paged
 from lmkv.reference import paged as ref
 
@@ -50,7 +51,7 @@ class Case:
         }[self.layout]
 
     def chunk_shape(self, rows: int) -> tuple[int, ...]:
-        return ref.chunk_shape(self.num_layers, rows, self.heads, self.head_dim, self.layout)
+        return chunk_shape(self.num_layers, rows, self.heads, self.head_dim, self.layout)
 
 
 def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, strided: bool) -> torch.Tensor:
@@ -76,7 +77,7 @@ def make_caches(case: Case, gen: torch.Generator) -> list[torch.Tensor] | torch.
 
 def poisoned_chunk(case: Case, strided: bool, gen: torch.Generator) -> torch.Tensor:
     t = random_tensor(case.chunk_shape(len(case.slots) + case.extra_rows), case.dtype, gen, strided)
-    ref.as_bytes_dtype(t).fill_(_poison_word(t))
+    as_bytes_dtype(t).fill_(_poison_word(t))
     return t
 
 
@@ -85,21 +86,21 @@ def _poison_word(t: torch.Tensor) -> int:
 
 
 def all_poison(t: torch.Tensor) -> bool:
-    return bool((ref.as_bytes_dtype(t) == _poison_word(t)).all())
+    return bool((as_bytes_dtype(t) == _poison_word(t)).all())
 
 
 def clone_like(x: list[torch.Tensor] | torch.Tensor, case: Case, gen: torch.Generator):
     """A copy with the same (possibly strided) layout as ``x`` and the same bytes."""
     if isinstance(x, torch.Tensor):
         y = random_tensor(tuple(x.shape), x.dtype, gen, case.strided_cache)
-        ref.as_bytes_dtype(y).copy_(ref.as_bytes_dtype(x))
+        as_bytes_dtype(y).copy_(as_bytes_dtype(x))
         return y
     return [clone_like(t, case, gen) for t in x]
 
 
 def same_bytes(a: list[torch.Tensor] | torch.Tensor, b: list[torch.Tensor] | torch.Tensor) -> bool:
     if isinstance(a, torch.Tensor):
-        return torch.equal(ref.as_bytes_dtype(a), ref.as_bytes_dtype(b))
+        return torch.equal(as_bytes_dtype(a), as_bytes_dtype(b))
     return len(a) == len(b) and all(same_bytes(x, y) for x, y in zip(a, b, strict=True))
 
 
@@ -192,7 +193,7 @@ def _run_scatter(case: Case, backend: str) -> None:
     paged.gather(caches, slots, layout=case.layout, out=back, backend=backend)
     valid = torch.tensor([s >= 0 for s in case.slots], dtype=torch.bool)
     n = len(case.slots)
-    got, sent = ref.as_bytes_dtype(back)[:, :, :n], ref.as_bytes_dtype(chunk)[:, :, :n]
+    got, sent = as_bytes_dtype(back)[:, :, :n], as_bytes_dtype(chunk)[:, :, :n]
     assert torch.equal(got[:, :, valid], sent[:, :, valid])
 
 
@@ -281,7 +282,7 @@ def test_gather_keeps_nan_payloads_and_fp8_bits() -> None:
         caches = [raw.view(dtype).repeat(2 * 2).view(2, 1, 2, 1, 4)]       # [2, NB=1, BS=2, H=1, D=4]
         for backend in paged.gather.available_backends("cpu"):
             got = paged.gather(caches, torch.tensor([1, 0]), layout="flash_attn", backend=backend)
-            assert torch.equal(ref.as_bytes_dtype(got)[0, 1, 0, 0], raw), (dtype, backend)
+            assert torch.equal(as_bytes_dtype(got)[0, 1, 0, 0], raw), (dtype, backend)
 
 
 # -- validation -------------------------------------------------------------------------------------------------
@@ -348,7 +349,7 @@ def test_ext_op_checks_slots_itself() -> None:
     caches = _flash()
     out = torch.zeros(2, 2, 2, 2, 8, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="out of range"):
-        torch.ops.lmkv.paged_gather(caches, torch.tensor([0, 99]), out, ref.LAYOUT_CODES["flash_attn"])
+        torch.ops.lmkv.paged_gather(caches, torch.tensor([0, 99]), out, LAYOUT_CODES["flash_attn"])
     assert bool((out == 0).all())
 
 
@@ -385,10 +386,76 @@ def test_detect_layout_refuses_to_guess() -> None:
     assert paged.detect_layout([torch.zeros(7, 2, 4, 16, 8)], block_size=16) == "blocks_first_hnd"
 
 
-def test_validation_memo_sees_a_replaced_layer() -> None:
+def test_a_handle_keeps_what_it_validated_and_a_list_is_checked_on_every_call() -> None:
+    """The old module memo, now a handle: it keeps the tensors it validated; a changed list is re-validated."""
     caches = _flash()
     slots = torch.tensor([0, 1])
-    paged.gather(caches, slots, layout="flash_attn", backend="reference")       # remembered as checked
+    handle = paged.PagedCache(caches, "flash_attn")
+    want = paged.gather(caches, slots, layout="flash_attn", backend="reference")
     caches[1] = torch.zeros(2, 3, 4, 2, 7, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"kv_caches\[1\]"):
         paged.gather(caches, slots, layout="flash_attn", backend="reference")
+    with pytest.raises(ValueError, match=r"kv_caches\[1\]"):
+        paged.PagedCache(caches, "flash_attn")
+    assert handle.layers[1] is not caches[1]
+    for backend in paged.gather.available_backends("cpu"):
+        assert torch.equal(paged.gather(handle, slots, backend=backend), want), backend
+
+
+# -- the PagedCache handle --------------------------------------------------------------------------------------
+def _handle_and_list(case: Case, gen: torch.Generator):
+    caches = make_caches(case, gen)
+    return caches, paged.PagedCache(caches, case.layout)
+
+
+def _check_handle_moves_the_same_bytes(case: Case, backend: str) -> None:
+    gen = torch.Generator().manual_seed(case.seed)
+    caches, handle = _handle_and_list(case, gen)
+    slots = torch.tensor(case.slots, dtype=torch.int64)
+    by_list, by_handle = poisoned_chunk(case, case.strided_chunk, gen), poisoned_chunk(case, case.strided_chunk, gen)
+    paged.gather(caches, slots, layout=case.layout, out=by_list, backend=backend)
+    result = paged.gather(handle, slots, out=by_handle, backend=backend)
+    assert result.data_ptr() == by_handle.data_ptr()
+    assert same_bytes(by_list, by_handle), f"{backend}: gather through the handle differs from the list"
+    if any(s >= 0 and case.slots.count(s) > 1 for s in case.slots):
+        return  # scatter targets must be distinct
+    chunk = random_tensor(case.chunk_shape(len(case.slots)), case.dtype, gen, case.strided_chunk)
+    other = clone_like(caches, case, gen)
+    paged.scatter(chunk, other, slots, layout=case.layout, backend=backend)
+    paged.scatter(chunk, handle, slots, layout=case.layout, backend=backend)
+    assert same_bytes(caches, other), f"{backend}: scatter through the handle differs from the list"
+
+
+@pytest.mark.parametrize("backend", paged.gather.backends())
+def test_handle_and_list_move_identical_bytes(backend: str) -> None:
+    _skip_unavailable(paged.gather, backend)
+
+    @settings(max_examples={"triton": 5, "ext": 20, "reference": 10}[backend])
+    @given(case=cases())
+    def check(case: Case) -> None:
+        _check_handle_moves_the_same_bytes(case, backend)
+
+    _with_examples(check, EDGE_CASES[:4])()
+
+
+@pytest.mark.parametrize(("argument", "make"), [b for b in BAD_GATHER if b[0] in ("layout", "kv_caches")])
+def test_handle_rejects_what_the_list_path_rejects(argument: str, make) -> None:
+    (kv_caches, _), kwargs = make()
+    with pytest.raises((ValueError, TypeError), match=argument):
+        paged.PagedCache(kv_caches, kwargs["layout"])
+
+
+def test_handle_checks_slots_and_chunk_on_every_call() -> None:
+    caches = _flash()
+    handle = paged.PagedCache(caches, "flash_attn")
+    assert handle.geometry == paged.geometry_of(caches, "flash_attn") == (2, 2, 8, torch.float16, 3, 4)
+    assert handle.capacity == 12 and handle.chunk_shape(5) == (2, 2, 5, 2, 8)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        paged.gather(handle, torch.tensor([0, 12]))
+    with pytest.raises(ValueError, match="duplicate"):
+        paged.scatter(torch.zeros(2, 2, 2, 2, 8, dtype=torch.float16), handle, torch.tensor([3, 3]))
+    with pytest.raises(TypeError, match="out"):
+        paged.gather(handle, torch.tensor([0, 1]), out=torch.zeros(2, 2, 2, 2, 8))
+    with pytest.raises(ValueError, match="layout"):
+        paged.gather(handle, torch.tensor([0]), layout="blocks_first")
+    assert paged.gather(handle, torch.tensor([0]), layout="flash_attn").shape == (2, 2, 1, 2, 8)

@@ -107,6 +107,17 @@ class StoreMachine(RuleBasedStateMachine):
             if want is not None:
                 assert torch.equal(g.view(torch.uint8), want.view(torch.uint8))
 
+    @rule(keys=st.lists(st.sampled_from(KEYS), max_size=5), fp=st.sampled_from([None, *FPS]), prefix=st.booleans())
+    def get_many(self, keys: list[str], fp: bytes | None, prefix: bool) -> None:
+        """The engine's read path: one request per tier, fingerprints checked, a prefix read stops at a miss."""
+        keys = list(dict.fromkeys(keys))
+        fps = [fp] * len(keys)
+        got = self.store.get_many(keys, fps, prefix=prefix)
+        for k, (g, tier), (want, want_tier) in zip(keys, got, self.model.get_many(keys, fps, prefix=prefix)):
+            assert (g is None) == (want is None) and tier == want_tier, k
+            if want is not None:
+                assert torch.equal(g.view(torch.uint8), want.view(torch.uint8))
+
     @rule(key=st.sampled_from(KEYS))
     def contains(self, key: str) -> None:
         assert self.store.contains(key) == self.model.contains(key)

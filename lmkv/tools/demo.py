@@ -91,7 +91,7 @@ def run_demo(*, doc_tokens: int = 4000, questions: int = 4, max_new_tokens: int 
     from lmkv import config as lmkv_config
     from lmkv.adapters.hf import build_cache, cache_to_kv, generate
     from lmkv.engine import KVEngine
-    from lmkv.models import load_smollm2
+    from lmkv.tools.models import load_smollm2
 
     torch.manual_seed(seed)
     cfg = lmkv_config.load(config)

@@ -1,5 +1,8 @@
 """Rotary position embeddings (RoPE) as HF LLaMA-family models apply them, read from a transformers config.
 
+A model's rotary spec is shared data: the reference and the optimized re-rotation (:mod:`lmkv.reference.blend`,
+:mod:`lmkv.optimized.blend`) both read it, so it lives in the core, not in either of them.
+
 A key vector ``k`` of head dim ``D`` at position ``p`` is stored *rotated*: the first ``R`` dims (the rotary
 dims, ``R = int(D * partial_rotary_factor)``, even) are split into two halves ``x1 = k[:R/2]``, ``x2 = k[R/2:R]``
 (HF's ``rotate_half`` convention, not interleaved pairs) and each pair ``(x1[i], x2[i])`` is rotated by the
@@ -16,7 +19,8 @@ from position ``p`` to ``q`` is one rotation by ``(q - p) f_i``: that is what Ca
 
 Only RoPE types whose rotation depends on the position alone (no ``attention_factor`` on cos/sin, no
 sequence-length-dependent frequencies) can be re-rotated that way: ``default``, ``linear`` and ``llama3``.
-YaRN, LongRoPE and dynamic NTK are refused with a ValueError naming the type.
+YaRN, LongRoPE and dynamic NTK are refused with :class:`lmkv.errors.Unsupported` (a ValueError) naming the
+type.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from lmkv.errors import Unsupported
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -62,7 +68,7 @@ class RopeSpec:
         if not self.theta > 0:
             raise ValueError(f"RopeSpec.theta must be > 0, got {self.theta!r}")
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
+            raise Unsupported(
                 f"RopeSpec.rope_type {self.rope_type!r} cannot be re-rotated (supported: {SUPPORTED_ROPE_TYPES})"
             )
         if not self.factor > 0:
@@ -78,14 +84,14 @@ class RopeSpec:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         params = dict(getattr(text, "rope_parameters", None) or {})
         if params and all(isinstance(v, dict) for v in params.values()):
-            raise ValueError("config.rope_parameters is per layer type; lmkv re-rotates a single RoPE only")
+            raise Unsupported("config.rope_parameters is per layer type; lmkv re-rotates a single RoPE only")
         legacy = dict(getattr(text, "rope_scaling", None) or {})
         for key, value in legacy.items():
             params.setdefault(key, value)
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
         theta = params.get("rope_theta", getattr(text, "rope_theta", None))
         if theta is None:
-            raise ValueError("config has no rope_theta (in rope_parameters or at top level)")
+            raise Unsupported("config has no rope_theta (in rope_parameters or at top level)")
         partial = params.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", None)) or 1.0
         rotary_dim = int(int(head_dim) * float(partial))
         return cls(
@@ -121,14 +127,15 @@ class RopeSpec:
 
 
 def apply_rotation(x: torch.Tensor, angle: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """Rotate ``x [..., T, H, D]`` by ``angle [T, R/2]`` (radians) in fp32, half-split convention.
+    """Rotate ``x [..., T, H, D]`` by ``angle [T, R/2]`` (radians), half-split convention.
 
-    Returns a new float32 tensor of the shape of ``x``; dims ``R:`` are copied unchanged.
+    The math runs in fp32 (float64 for float64 ``x``: what a float64 yardstick run of a whole model needs).
+    Returns a new tensor of that compute dtype and the shape of ``x``; dims ``R:`` are copied unchanged.
     """
     half = rotary_dim // 2
-    xf = x.float()
-    cos = angle.cos()[:, None, :]  # [T, 1, R/2]: broadcast over heads
-    sin = angle.sin()[:, None, :]
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    cos = angle.cos().to(xf.dtype)[:, None, :]  # [T, 1, R/2]: broadcast over heads
+    sin = angle.sin().to(xf.dtype)[:, None, :]
     x1, x2 = xf[..., :half], xf[..., half:rotary_dim]
     out = xf.clone()
     out[..., :half] = x1 * cos - x2 * sin

@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lmkv.layouts import BlockMap
+from lmkv.layouts import BlockMap, as_bytes_dtype, canonical_layer_views, layer_tensors, new_chunk
 from lmkv.optimized.triton import unavailable_reason as unavailable_reason
-from lmkv.reference import paged as ref
 
 _MAX_TILE = 1 << 14  # elements per program: a register budget on GPU, numpy temporaries under the interpreter
 
@@ -96,13 +95,13 @@ def _launch_mapped(kv_caches: Sequence[torch.Tensor], slot_mapping: torch.Tensor
     num_tokens = slot_mapping.shape[0]
     if num_tokens == 0:
         return
-    layers = [ref.as_bytes_dtype(t) for t in ref.layer_tensors(kv_caches, block_map)]
+    layers = [as_bytes_dtype(t) for t in layer_tensors(kv_caches, block_map)]
     heads, head_dim, block_size = block_map.heads, block_map.head_dim, block_map.block_size
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
     if block_h * block_d > _MAX_TILE:
         raise ValueError(f"kv_caches rows of {heads} x {head_dim} elements exceed the Triton tile ({_MAX_TILE})")
     block_t = min(triton.next_power_of_2(num_tokens), max(1, _MAX_TILE // (block_h * block_d)))
-    chunk = ref.as_bytes_dtype(chunk)
+    chunk = as_bytes_dtype(chunk)
     k_layer, k_plane, k_token, k_head, k_dim = chunk.stride()
     offsets = block_map.on(layers[0].device)
     elem = layers[0].element_size()
@@ -139,13 +138,13 @@ def _launch(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torc
     num_tokens = slot_mapping.shape[0]
     if num_tokens == 0:
         return
-    views = [ref.as_bytes_dtype(v) for v in ref.canonical_layer_views(kv_caches, layout)]  # [P, NB, BS, H, D]
+    views = [as_bytes_dtype(v) for v in canonical_layer_views(kv_caches, layout)]  # [P, NB, BS, H, D]
     planes, _, block_size, heads, head_dim = views[0].shape
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
     if block_h * block_d > _MAX_TILE:
         raise ValueError(f"kv_caches rows of {heads} x {head_dim} elements exceed the Triton tile ({_MAX_TILE})")
     block_t = min(triton.next_power_of_2(num_tokens), max(1, _MAX_TILE // (block_h * block_d)))
-    chunk = ref.as_bytes_dtype(chunk)
+    chunk = as_bytes_dtype(chunk)
     k_layer, k_plane, k_token = chunk.stride()[:3]
     k_head, k_dim = (0, chunk.stride(3)) if layout == "mla" else chunk.stride()[3:]
     meta = _meta(views, views[0])
@@ -164,7 +163,7 @@ def _launch(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torc
 def gather(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch.Tensor, *, layout: str | BlockMap,
            out: torch.Tensor | None = None) -> torch.Tensor:
     if out is None:
-        out = ref.new_chunk(kv_caches, slot_mapping, layout)
+        out = new_chunk(kv_caches, slot_mapping, layout)
     if isinstance(layout, BlockMap):
         _launch_mapped(kv_caches, slot_mapping, out, layout, gather=True)
     else:

@@ -1,8 +1,13 @@
-"""CacheGen codec: range coder round trips and byte identity across backends, quantization error bounds, the
-blob format's validation (fuzzed), and argument errors. The Python reference coder is slow: tiny inputs for it."""
+"""CacheGen codec agreement. Only the range coder has two implementations (``codec.ac_encode`` / ``ac_decode``:
+reference/codec_rangecoder.py and csrc/cpu/codec.cpp), so the backends are compared there, on the same symbols
+and tables: identical bytes, lossless decoding, identical symbols from garbage streams. The one blob pipeline
+(quantize -> tables -> coder -> blob, reference/codec.py) is checked against its spec: error bounds recomputed
+independently, pinned blob bytes, the blob format's validation (fuzzed), and argument errors. The Python
+reference coder is slow: tiny inputs for it."""
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 
@@ -12,25 +17,50 @@ import torch
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
+from lmkv._dispatch import Op, use_backend
 from lmkv.config import CodecConfig, load
-from lmkv.errors import CodecError, ConfigError
+from lmkv.errors import BackendUnavailable, CodecError, ConfigError
 from lmkv.ops import codec
 from lmkv.reference import codec as ref
 from lmkv.reference import codec_format as fmt
 from lmkv.reference.codec_rangecoder import TOTAL, freq_to_cdf, normalize_counts
 
-BACKENDS = codec.encode.available_backends("cpu")
+# The coder is the dispatched part: encode/decode's backend= selects the coder backend.
+BACKENDS = codec.ac_encode.available_backends("cpu")
 EXT = "ext" in BACKENDS
 
 
 def needs_ext() -> None:
     if not EXT:
-        pytest.skip(f"ext backend unavailable: {codec.encode.unavailable_reason('ext')}")
+        pytest.skip(f"ext backend unavailable: {codec.ac_encode.unavailable_reason('ext')}")
 
 
 def test_ext_backend_is_available_here() -> None:
     # CI has a compiler: a silently missing ext backend would hide every agreement test below.
-    assert EXT, codec.encode.unavailable_reason("ext")
+    assert EXT, codec.ac_encode.unavailable_reason("ext")
+
+
+def test_only_the_coder_is_dispatched() -> None:
+    assert codec.ac_encode.backends() == ["ext", "reference"] == codec.ac_decode.backends()
+    assert codec.ac_decode.available_backends("cpu") == BACKENDS
+    for plain in (codec.encode, codec.decode, codec.quantize, codec.dequantize, codec.cdf):
+        assert not isinstance(plain, Op), plain
+
+
+
+def test_encode_and_decode_follow_the_coder_selection() -> None:
+    # encode/decode are plain functions: backend=, use_backend and LMKV_BACKEND select the coder op's backend.
+    x = torch.randn(1, 2, 3, 1, 4, generator=torch.Generator().manual_seed(2))
+    blob = codec.encode(x)
+    with use_backend("codec.*=nope"), pytest.raises(BackendUnavailable, match="codec.ac_encode"):
+        codec.encode(x)
+    with use_backend("codec.ac_decode=nope"), pytest.raises(BackendUnavailable, match="codec.ac_decode"):
+        codec.decode(blob)
+    with pytest.raises(BackendUnavailable, match="codec.ac_encode"):
+        codec.encode(x, backend="nope")
+    with use_backend("reference"):
+        assert codec.encode(x) == blob
+        assert torch.equal(codec.decode(blob), codec.decode(blob, backend="auto"))
 
 
 # ------------------------------------------------------------------------------------------------ coder
@@ -89,6 +119,90 @@ def test_ext_coder_round_trip_large(data: tuple[torch.Tensor, torch.Tensor]) -> 
     payload, lengths = codec.ac_encode(sym, table, backend="ext")
     out = codec.ac_decode(payload, lengths, table, sym.shape[1], backend="ext")
     assert torch.equal(out, sym)
+
+
+def _cdf_of(freq: torch.Tensor) -> torch.Tensor:
+    """Frequencies ``[S, n]`` (each row summing to 2**16) -> cumulative tables ``[S, n + 1]`` int32, built here
+    rather than by the reference's normalize_counts, so the coder is tested on tables no pipeline produced."""
+    assert bool((freq.sum(1) == TOTAL).all())
+    return torch.cat([torch.zeros(freq.shape[0], 1, dtype=torch.int64), freq.to(torch.int64).cumsum(1)], 1).to(
+        torch.int32)
+
+
+def _case(sym: list[list[int]], freq: list[list[int]], t: int = 0, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fixed coder input (symbols [S, T] uint8, cdf [S, n + 1]); ``t`` and ``n`` size it when S = 0."""
+    width = len(sym[0]) if sym else t
+    n = len(freq[0]) if freq else n
+    return (torch.tensor(sym, dtype=torch.uint8).reshape(len(sym), width),
+            _cdf_of(torch.tensor(freq, dtype=torch.int64).reshape(len(freq), n)))
+
+
+SPIKE = [TOTAL - 255] + [1] * 255  # one symbol takes nearly all the mass, 255 symbols cost 16 bits each
+
+
+@st.composite
+def coder_inputs(draw: st.DrawFn, max_s: int = 6, max_t: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symbols [S, T] (S and T may be 0) and an independently drawn table per stream: any alphabet of 1..256
+    symbols, any support (zero-frequency symbols anywhere), uniform, skewed or spiked mass. Symbols are drawn
+    from each row's support only, by its frequencies or uniformly (the rare symbols then dominate)."""
+    S = draw(st.integers(0, max_s))
+    T = draw(st.integers(0, max_t))
+    n = draw(st.sampled_from([1, 2, 3, 17, 255, 256]) | st.integers(1, 256))
+    kind = draw(st.sampled_from(["uniform", "skew", "spike", "sparse"]))
+    by_freq = draw(st.booleans())
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    support = torch.rand(S, n, generator=g) < 0.3 if kind == "sparse" else torch.ones(S, n, dtype=torch.bool)
+    support[torch.arange(S), torch.randint(0, n, (S,), generator=g)] = True  # every row codes something
+    w = {"uniform": torch.ones(S, n), "skew": torch.rand(S, n, generator=g) ** 6 + 1e-9,
+         "spike": torch.full((S, n), 1e-9), "sparse": torch.rand(S, n, generator=g)}[kind]
+    if kind == "spike":
+        w[:, 0] = 1.0
+    w = torch.where(support, w, 0.0).double()
+    k = support.sum(1, keepdim=True)
+    # Each present symbol gets 1, the rest of 2**16 is shared by weight; the first present one takes the remainder.
+    freq = torch.where(support, 1 + (w / w.sum(1, keepdim=True) * (TOTAL - k)).floor().long(), 0)
+    first = support.to(torch.int8).argmax(1, keepdim=True)
+    freq.scatter_add_(1, first, TOTAL - freq.sum(1, keepdim=True))
+    pick = freq.double() if by_freq else support.double()
+    sym = torch.multinomial(pick, T, replacement=True, generator=g) if S and T else torch.zeros(S, T)
+    return sym.to(torch.uint8), _cdf_of(freq)
+
+
+@given(coder_inputs())
+@example(_case([[0]], [[1, TOTAL - 1]]))  # one stream of one symbol
+@example(_case([[0] * 9], [[TOTAL]]))  # an alphabet of one symbol: frequency 2**16, zero bytes
+@example(_case([[1, 1, 1]], [[0, TOTAL, 0]]))  # the only symbol with a frequency sits between two without
+@example(_case([list(range(256)) * 2] * 2, [[256] * 256] * 2))  # 256-symbol alphabet, every symbol
+@example(_case([[255] * 300, [254] * 300], [SPIKE, SPIKE]))  # skewed table, only its rarest symbols: worst size
+@example(_case([[0] * 200 + [255]], [SPIKE]))  # skewed table, the common symbol and one rare one
+@example(_case([], [], t=5, n=7))  # no streams
+@example(_case([[], [], []], [[TOTAL // 2] * 2] * 3))  # zero-length streams
+def test_coder_backends_agree_on_any_table(data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    needs_ext()
+    sym, table = data
+    want = codec.ac_encode(sym, table, backend="reference")
+    got = codec.ac_encode(sym, table, backend="ext")
+    assert got[0] == want[0]
+    assert torch.equal(got[1], want[1]) and got[1].dtype == torch.int64
+    assert int(want[1].sum()) == len(want[0]) and tuple(want[1].shape) == (sym.shape[0],)
+    for backend in ("reference", "ext"):
+        out = codec.ac_decode(want[0], want[1], table, sym.shape[1], backend=backend)
+        assert out.dtype == torch.uint8 and torch.equal(out, sym), backend
+
+
+@given(coder_inputs(max_s=4, max_t=32), st.data())
+def test_coder_backends_agree_on_garbage_streams(data: tuple[torch.Tensor, torch.Tensor], more: st.DataObject) -> None:
+    # A corrupt stream decodes to wrong symbols, never a crash: the same wrong symbols on every backend.
+    needs_ext()
+    _, table = data
+    T = more.draw(st.integers(0, 40))
+    lengths = more.draw(st.lists(st.integers(0, 12), min_size=table.shape[0], max_size=table.shape[0]))
+    payload = more.draw(st.binary(min_size=sum(lengths), max_size=sum(lengths)))
+    lengths_t = torch.tensor(lengths, dtype=torch.int64)
+    want = codec.ac_decode(payload, lengths_t, table, T, backend="reference")
+    got = codec.ac_decode(payload, lengths_t, table, T, backend="ext")
+    assert torch.equal(got, want) and tuple(want.shape) == (table.shape[0], T)
+    assert bool((want.to(torch.int64) < table.shape[1] - 1).all())
 
 
 def test_coded_size_close_to_entropy() -> None:
@@ -219,6 +333,35 @@ def test_real_sized_chunk_ext_round_trip_and_size() -> None:
     per_stream = codec.encode(x, config=CodecConfig(table_groups=0), backend="ext")
     assert codec.inspect(per_stream)["bytes"]["tables"] > 3 * sections["tables"]
     assert torch.equal(codec.decode(per_stream), y)  # same quantization, different tables
+
+
+def _pinned_chunk() -> torch.Tensor:
+    """``[3, 2, 20, 2, 16]`` fp16 from integer arithmetic only (multiples of 1/32, exact in fp16; four outlier
+    channels), so the input is the same on every machine and torch version."""
+    i = torch.arange(3 * 2 * 20 * 2 * 16)
+    x = (((i * 7919 % 251) - 125).float() / 32).reshape(3, 2, 20, 2, 16)
+    x[..., :4] *= 4
+    return x.half()
+
+
+PINNED = [  # (config, blob length, sha256 of the blob)
+    (None, 5912, "8a0bcd3e7315a4e60e97c03ecaed61b3c9d34d49efb675b2ac41839b60f039fe"),
+    (CodecConfig(table_groups=0), 9086, "e6196518126e5fd8578f431b0fa4912c63aa8a58ab02596efcab560d287efc6e"),
+    (CodecConfig(key_scale_axis="token", exact_leading_tokens=0), 5321,
+     "439591e3ab37f5f7b2765b24c085a58169257f1da6ae356886eb26551ee9ec35"),
+]
+
+
+@pytest.mark.parametrize(("config", "size", "digest"), PINNED, ids=["default", "per-stream-tables", "cachegen"])
+def test_blob_bytes_pinned(config: CodecConfig | None, size: int, digest: str) -> None:
+    # Stored blobs outlive the code: a change here means every stored blob decodes differently. Change the
+    # pipeline or the format only with a new fmt.VERSION (and new digests).
+    x = _pinned_chunk()
+    blob = codec.encode(x, config=config, backend="reference")
+    assert (len(blob), hashlib.sha256(blob).hexdigest()) == (size, digest)
+    for backend in BACKENDS:
+        assert codec.encode(x, config=config, backend=backend) == blob
+    _check_error_bound(x, codec.decode(blob), config)
 
 
 def test_all_zero_chunk() -> None:

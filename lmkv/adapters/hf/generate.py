@@ -1,0 +1,185 @@
+"""``generate()`` with KV-cache reuse for transformers models.
+
+The model is never patched. lmkv hands transformers an ordinary ``DynamicCache`` pre-filled with the stored
+KV of the longest stored prefix; ``model.generate`` then prefills only the remaining tokens (it derives
+``cache_position`` from the cache length) and decodes as usual. The last prompt token is always left uncached
+so that its logits, which choose the first new token, are computed by the model.
+
+One request is one pass: the prompt is hashed once (``engine.plan``), and that plan serves the lookup, the
+retrieve and the store; with ``store_generated`` the longer sequence gets a plan of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmkv.adapters.hf.blend import blended_cache
+from lmkv.adapters.hf.cache import build_cache, cache_to_kv
+from lmkv.adapters.hf.support import refuse_unsupported
+
+if TYPE_CHECKING:
+    from lmkv.engine import KVEngine
+
+
+@dataclass
+class GenerateStats:
+    """What one ``generate`` call did."""
+
+    prompt_tokens: int = 0
+    hit_tokens: int = 0
+    computed_prompt_tokens: int = 0
+    stored_tokens: int = 0
+    new_tokens: int = 0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    retrieve_s: float = 0.0
+    store_s: float = 0.0
+    tiers: dict[str, int] = field(default_factory=dict)
+    blend: dict[str, Any] | None = None
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # [1, T + new]
+    stats: GenerateStats
+
+    def new_tokens(self) -> torch.Tensor:
+        return self.sequences[0, self.stats.prompt_tokens :]
+
+
+def _clock_processor(stamp: list[float]) -> Any:
+    from transformers import LogitsProcessor
+
+    class _FirstTokenClock(LogitsProcessor):
+        """Records the time the first next-token scores exist: the end of prefill (TTFT)."""
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            if not stamp:
+                stamp.append(time.perf_counter())
+            return scores
+
+    return _FirstTokenClock()
+
+
+def _as_single_row(input_ids: Any, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an int tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"input_ids has batch {input_ids.shape[0]}: lmkv.hf.generate reuses cache for one sequence per call "
+            "(call it once per row; padded batches would need per-row cache positions)"
+        )
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty")
+    if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
+        raise ValueError("attention_mask has padding: lmkv.hf.generate supports unpadded single sequences only")
+    return input_ids.long()
+
+
+def _prefix_cache(model: Any, plan: Any, engine: KVEngine, stats: GenerateStats) -> tuple[Any, int]:
+    """``(DynamicCache of the longest stored prefix or None, its length)``, keeping >= 1 prompt token to compute."""
+    hit = min(engine.lookup(plan), stats.prompt_tokens - 1)
+    if hit <= 0:
+        return None, 0
+    t0 = time.perf_counter()
+    kv, hit = engine.retrieve(plan, end=hit)
+    stats.retrieve_s = time.perf_counter() - t0
+    if hit <= 0:
+        return None, 0
+    return build_cache(kv[:, :, :hit].to(device=model.device, dtype=model.dtype), model.config), hit
+
+
+def _run(model: Any, input_ids: torch.Tensor, cache: Any, generate_kwargs: dict[str, Any]) -> tuple[Any, float]:
+    """``model.generate`` from ``cache``: ``(output with past_key_values, time of the first token's scores)``."""
+    from transformers import LogitsProcessorList
+
+    stamp: list[float] = []
+    kwargs = dict(generate_kwargs)
+    processors = list(kwargs.pop("logits_processor", None) or [])
+    processors.append(_clock_processor(stamp))
+    kwargs.setdefault("do_sample", False)
+    if cache is not None:
+        kwargs["past_key_values"] = cache
+    kwargs.update(return_dict_in_generate=True, use_cache=True)
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                         logits_processor=LogitsProcessorList(processors), **kwargs)
+    return out, (stamp[0] if stamp else time.perf_counter())
+
+
+def _store(out: Any, plan: Any, engine: KVEngine, store_generated: bool, stats: GenerateStats) -> None:
+    """Store the prompt's KV (and with ``store_generated`` the answer's) under the plan of those tokens."""
+    t0 = time.perf_counter()
+    full = out.sequences[0].tolist()
+    # The cache holds KV for every token fed to the model: the prompt and all but the last generated token.
+    usable = len(full) - 1 if store_generated else stats.prompt_tokens
+    usable = min(usable, out.past_key_values.get_seq_length())
+    if usable != stats.prompt_tokens:
+        plan = engine.plan(full[:usable])  # a different sequence: its own plan
+    stats.stored_tokens = engine.store(plan, cache_to_kv(out.past_key_values, 0, usable))
+    stats.store_s = time.perf_counter() - t0
+
+
+def generate(
+    model: Any,
+    input_ids: Any,
+    *,
+    engine: KVEngine,
+    attention_mask: torch.Tensor | None = None,
+    reuse: bool = True,
+    store: bool = True,
+    store_generated: bool = False,
+    blend: bool = False,
+    tokenizer: Any = None,
+    blend_separator: Any = None,
+    **generate_kwargs: Any,
+) -> GenerateOutput:
+    """``model.generate`` with the longest stored prefix of the prompt reused from ``engine``.
+
+    Args:
+        model: a transformers causal LM with full attention (others raise :class:`lmkv.errors.Unsupported`).
+        input_ids: ``[1, T]`` (or ``[T]``) prompt ids.
+        engine: the :class:`lmkv.engine.KVEngine` that stores and serves KV for this model.
+        reuse: look up and reuse stored KV (False: a plain cold generate, timed the same way).
+        store: store the prompt's KV (new chunks only) after generating.
+        store_generated: also store the answer's KV, so a next chat turn that repeats it hits.
+        blend: reuse non-prefix chunks with CacheBlend (see :mod:`lmkv.adapters.hf.blend`); the prompt's chunks
+            are separated by ``blend_separator`` (token ids) or ``config.blend.separator`` tokenized with
+            ``tokenizer``. Blended KV is approximate, so it is not stored under prefix keys.
+        **generate_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample`` ...).
+    Returns:
+        :class:`GenerateOutput` with ``sequences [1, T + new]`` and :class:`GenerateStats`.
+    """
+    refuse_unsupported(model, blend=blend and reuse)
+    input_ids = _as_single_row(input_ids, attention_mask)
+    engine.check_model(model)
+    stats = GenerateStats(prompt_tokens=input_ids.shape[1])
+    t0 = time.perf_counter()
+    prefix = not blend and (reuse or store)
+    plan = engine.plan(input_ids[0].tolist()) if prefix else None  # hashed once: lookup, retrieve and store
+    cache, hit = None, 0
+    if reuse and blend:
+        cache, hit, stats.blend = blended_cache(model, input_ids, engine=engine, tokenizer=tokenizer,
+                                                separator=blend_separator)
+    elif reuse:
+        cache, hit = _prefix_cache(model, plan, engine, stats)
+    stats.hit_tokens = hit
+    stats.computed_prompt_tokens = stats.prompt_tokens - hit
+    stats.tiers = engine.last_tiers() if hit else {}
+    out, first_token = _run(model, input_ids, cache, generate_kwargs)
+    stats.ttft_s = first_token - t0
+    stats.new_tokens = out.sequences.shape[1] - stats.prompt_tokens
+    if store and not blend:
+        _store(out, plan, engine, store_generated, stats)
+    stats.total_s = time.perf_counter() - t0
+    return GenerateOutput(sequences=out.sequences, stats=stats)
+
+
+__all__ = ["generate", "GenerateOutput", "GenerateStats"]
