@@ -120,6 +120,15 @@ def save_plot(fig: Any, name: str) -> Path:
     return path
 
 
+def report(name: str, rows: list[dict[str, Any]], columns: Sequence[str], title: str, plot: Callable[[list], Any]
+           ) -> list[dict[str, Any]]:
+    """Print the table, append the JSONL rows and save the plot of a finished run; returns ``rows``."""
+    print_table(rows, columns, title=title)
+    write_rows(name, rows)
+    save_plot(plot(rows), name)
+    return rows
+
+
 def small() -> bool:
     """True when an experiment should run at test sizes (``LMKV_SMALL=1`` or ``LMKV_NOTEBOOK_SMALL=1``)."""
     return os.environ.get("LMKV_SMALL") == "1" or os.environ.get("LMKV_NOTEBOOK_SMALL") == "1"

@@ -21,7 +21,7 @@ import argparse
 import torch
 from tqdm import tqdm
 
-from experiments._common import alternate, median, print_table, save_plot, small, write_rows
+from experiments._common import alternate, median, report, small
 from lmkv.engine import KVEngine
 from lmkv.testing import LatencyProxy, LocalRedis
 from lmkv.types import KVGeometry
@@ -123,10 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     quick = args.small or small()
     rows = run((0.0, 1.0), (2, 8), SMALL_GEOMETRY, repeats=2) if quick else run()
-    print_table(rows, COLUMNS, title="Redis lookup / retrieve through added latency (medians)")
-    write_rows(NAME, rows)
-    save_plot(plot(rows), NAME)
-    return rows
+    return report(NAME, rows, COLUMNS, "Redis lookup / retrieve through added latency (medians)", plot)
 
 
 if __name__ == "__main__":

@@ -69,36 +69,32 @@ def test_formulas_are_what_the_docs_say() -> None:
     assert cpu_attn_block_map("amx", bs, h, 80, torch.bfloat16) is None
 
 
-def test_calibration_refuses_writes_outside_the_block() -> None:
+def _vec_then(edit):
+    """vLLM's vec layout written correctly, then ``edit(cache)`` applied: a faulty cache write."""
     bm = cpu_attn_block_map("vec", 32, 2, 32, torch.bfloat16)
     assert bm is not None
     inner = writer_for(bm)
 
-    def spills(key, value, cache, slots):
+    def write(key, value, cache, slots):
         inner(key, value, cache, slots)
-        cache[2, 0, 0, 0] = 1.0
+        edit(cache)
 
+    return write
+
+
+def test_calibration_refuses_writes_outside_the_block() -> None:
     with pytest.raises(ValueError, match="outside the one"):
-        _cal(spills)
+        _cal(_vec_then(lambda cache: cache[2, 0, 0].fill_(1.0)))
 
 
 def test_calibration_refuses_lost_or_shared_places() -> None:
-    bm = cpu_attn_block_map("vec", 32, 2, 32, torch.bfloat16)
-    assert bm is not None
-    inner = writer_for(bm)
-
-    def drops_a_value(key, value, cache, slots):
-        inner(key, value, cache, slots)
-        cache[1, 1, 31, 63] = 0.0
-
-    def value_over_key(key, value, cache, slots):
-        inner(key, value, cache, slots)
+    def value_over_key(cache):
         cache[1, 0, 0, 0] = cache[1, 0, 0, 40]
 
     with pytest.raises(ValueError, match="value elements landed"):
-        _cal(drops_a_value)
+        _cal(_vec_then(lambda cache: cache[1, 1, 31, 63].zero_()))   # drops a value
     with pytest.raises(ValueError, match="elements landed|share a place"):
-        _cal(value_over_key)
+        _cal(_vec_then(value_over_key))
 
 
 def test_calibration_refuses_a_write_that_moves_between_calls() -> None:

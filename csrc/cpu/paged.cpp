@@ -31,6 +31,21 @@ struct Plan {
   int64_t elem = 0;
 };
 
+// Checks slot_mapping (1-D int64 CPU, every slot < capacity) before anything is written; returns its pointer,
+// stride and length.
+void check_slots(const at::Tensor& slot_mapping, int64_t capacity, const int64_t** slots, int64_t* stride,
+                 int64_t* tokens) {
+  TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1,
+              "slot_mapping must be a 1-D int64 CPU tensor");
+  *tokens = slot_mapping.size(0);
+  *slots = slot_mapping.data_ptr<int64_t>();
+  *stride = slot_mapping.stride(0);
+  for (int64_t t = 0; t < *tokens; ++t) {
+    TORCH_CHECK((*slots)[t * *stride] < capacity, "slot_mapping[", t, "] = ", (*slots)[t * *stride],
+                " is out of range (NB * BS = ", capacity, ")");
+  }
+}
+
 Plan make_plan(at::TensorList caches, const at::Tensor& slot_mapping, const at::Tensor& chunk, int64_t layout64) {
   using namespace lmkv::paged;
   TORCH_CHECK(layout64 >= 0 && layout64 < kNumLayouts, "layout code must be in [0, 6), got ", layout64);
@@ -62,15 +77,7 @@ Plan make_plan(at::TensorList caches, const at::Tensor& slot_mapping, const at::
     p.layers.push_back(static_cast<char*>(t.data_ptr()));
     p.views.push_back(layer_view(layout, t.strides().data(), axes.layer >= 0 ? l : 0));
   }
-  TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1,
-              "slot_mapping must be a 1-D int64 CPU tensor");
-  p.tokens = slot_mapping.size(0);
-  p.slots = slot_mapping.data_ptr<int64_t>();
-  p.slot_stride = slot_mapping.stride(0);
-  for (int64_t t = 0; t < p.tokens; ++t) {
-    TORCH_CHECK(p.slots[t * p.slot_stride] < capacity, "slot_mapping[", t, "] = ", p.slots[t * p.slot_stride],
-                " is out of range (NB * BS = ", capacity, ")");
-  }
+  check_slots(slot_mapping, capacity, &p.slots, &p.slot_stride, &p.tokens);
   TORCH_CHECK(chunk.device().is_cpu(), "chunk must be a CPU tensor");
   TORCH_CHECK(chunk.scalar_type() == first.scalar_type(), "chunk dtype differs from kv_caches");
   TORCH_CHECK(chunk.dim() == (mla ? 4 : 5), "chunk must be [L, 2, T, H, D] (MLA: [L, 1, T, D])");
@@ -188,15 +195,7 @@ MappedPlan make_mapped_plan(at::TensorList caches, const at::Tensor& slot_mappin
     p.block_strides.push_back(t.stride(0));
   }
   const int64_t capacity = first.size(0) * p.block_size;
-  TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1,
-              "slot_mapping must be a 1-D int64 CPU tensor");
-  p.tokens = slot_mapping.size(0);
-  p.slots = slot_mapping.data_ptr<int64_t>();
-  p.slot_stride = slot_mapping.stride(0);
-  for (int64_t t = 0; t < p.tokens; ++t) {
-    TORCH_CHECK(p.slots[t * p.slot_stride] < capacity, "slot_mapping[", t, "] = ", p.slots[t * p.slot_stride],
-                " is out of range (NB * BS = ", capacity, ")");
-  }
+  check_slots(slot_mapping, capacity, &p.slots, &p.slot_stride, &p.tokens);
   TORCH_CHECK(chunk.device().is_cpu() && chunk.scalar_type() == first.scalar_type() && chunk.dim() == 5 &&
                   chunk.size(0) == p.num_layers && chunk.size(1) == 2 && chunk.size(2) >= p.tokens &&
                   chunk.size(3) == p.heads && chunk.size(4) == p.head_dim,

@@ -24,6 +24,15 @@ _MAX_TILE = 1 << 14  # elements per program: a register budget on GPU, numpy tem
 
 
 @triton.jit
+def _move(cache, chunk, mask, GATHER: tl.constexpr):
+    """cache -> chunk (gather) or chunk -> cache (scatter) at the given element pointers."""
+    if GATHER:
+        tl.store(chunk, tl.load(cache, mask=mask), mask=mask)
+    else:
+        tl.store(cache, tl.load(chunk, mask=mask), mask=mask)
+
+
+@triton.jit
 def _paged_copy_kernel(cache_ptr, meta_ptr, slot_ptr, chunk_ptr, num_tokens, planes, heads, head_dim, block_size,
                        slot_stride, k_layer, k_plane, k_token, k_head, k_dim,
                        GATHER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -50,12 +59,7 @@ def _paged_copy_kernel(cache_ptr, meta_ptr, slot_ptr, chunk_ptr, num_tokens, pla
     chunk_row = layer * k_layer + plane * k_plane + t * k_token
     chunk_idx = chunk_row[:, None, None] + h[None, :, None] * k_head + d[None, None, :] * k_dim
     mask = valid[:, None, None] & (h < heads)[None, :, None] & (d < head_dim)[None, None, :]
-    if GATHER:
-        x = tl.load(cache_ptr + cache_idx, mask=mask)
-        tl.store(chunk_ptr + chunk_idx, x, mask=mask)
-    else:
-        x = tl.load(chunk_ptr + chunk_idx, mask=mask)
-        tl.store(cache_ptr + cache_idx, x, mask=mask)
+    _move(cache_ptr + cache_idx, chunk_ptr + chunk_idx, mask, GATHER)
 
 
 @triton.jit
@@ -82,12 +86,7 @@ def _paged_mapped_kernel(cache_ptr, meta_ptr, offsets_ptr, slot_ptr, chunk_ptr, 
     cache_idx = base + (slot // block_size)[:, None, None] * s_block + cell
     chunk_row = layer * k_layer + plane * k_plane + t * k_token
     chunk_idx = chunk_row[:, None, None] + h[None, :, None] * k_head + d[None, None, :] * k_dim
-    if GATHER:
-        x = tl.load(cache_ptr + cache_idx, mask=mask)
-        tl.store(chunk_ptr + chunk_idx, x, mask=mask)
-    else:
-        x = tl.load(chunk_ptr + chunk_idx, mask=mask)
-        tl.store(cache_ptr + cache_idx, x, mask=mask)
+    _move(cache_ptr + cache_idx, chunk_ptr + chunk_idx, mask, GATHER)
 
 
 def _launch_mapped(kv_caches: Sequence[torch.Tensor], slot_mapping: torch.Tensor, chunk: torch.Tensor,

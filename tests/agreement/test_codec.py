@@ -103,11 +103,16 @@ def test_reference_coder_round_trip(data: tuple[torch.Tensor, torch.Tensor]) -> 
 @example((torch.zeros(1, 1, dtype=torch.uint8), ref.cdf(torch.zeros(1, 1, dtype=torch.uint8), 2)))  # T = 1
 def test_ext_coder_bytes_identical_to_reference(data: tuple[torch.Tensor, torch.Tensor]) -> None:
     needs_ext()
-    sym, table = data
+    _coders_agree(*data)
+
+
+def _coders_agree(sym: torch.Tensor, table: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+    """Both coders give the same bytes and stream lengths; returns the reference's."""
     want = codec.ac_encode(sym, table, backend="reference")
     got = codec.ac_encode(sym, table, backend="ext")
     assert got[0] == want[0]
-    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[1], want[1]) and got[1].dtype == torch.int64
+    return want
     out = codec.ac_decode(got[0], got[1], table, sym.shape[1], backend="ext")
     assert torch.equal(out, sym)
 
@@ -180,10 +185,7 @@ def coder_inputs(draw: st.DrawFn, max_s: int = 6, max_t: int = 64) -> tuple[torc
 def test_coder_backends_agree_on_any_table(data: tuple[torch.Tensor, torch.Tensor]) -> None:
     needs_ext()
     sym, table = data
-    want = codec.ac_encode(sym, table, backend="reference")
-    got = codec.ac_encode(sym, table, backend="ext")
-    assert got[0] == want[0]
-    assert torch.equal(got[1], want[1]) and got[1].dtype == torch.int64
+    want = _coders_agree(sym, table)
     assert int(want[1].sum()) == len(want[0]) and tuple(want[1].shape) == (sym.shape[0],)
     for backend in ("reference", "ext"):
         out = codec.ac_decode(want[0], want[1], table, sym.shape[1], backend=backend)

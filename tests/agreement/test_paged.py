@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import example, given, settings
+from _backends import check_backend
 from hypothesis import strategies as st
 
 from lmkv.layouts import LAYOUT_CODES, as_bytes_dtype, chunk_shape
@@ -197,12 +197,6 @@ def _run_scatter(case: Case, backend: str) -> None:
     assert torch.equal(got[:, :, valid], sent[:, :, valid])
 
 
-def _with_examples(test, edge_cases):
-    for case in edge_cases:
-        test = example(case=case)(test)
-    return test
-
-
 def _skip_unavailable(op, backend: str) -> None:
     reason = op.unavailable_reason(backend, "cpu")
     if reason:
@@ -211,26 +205,13 @@ def _skip_unavailable(op, backend: str) -> None:
 
 @pytest.mark.parametrize("backend", paged.gather.backends())
 def test_gather_agrees_with_reference(backend: str) -> None:
-    _skip_unavailable(paged.gather, backend)
-
-    @settings(max_examples=EXAMPLES[backend])
-    @given(case=cases())
-    def check(case: Case) -> None:
-        _run(case, backend)
-
-    _with_examples(check, EDGE_CASES)()
+    check_backend(paged.gather, backend, cases(), _run, examples=EDGE_CASES, max_examples=EXAMPLES[backend])
 
 
 @pytest.mark.parametrize("backend", paged.scatter.backends())
 def test_scatter_agrees_and_round_trips(backend: str) -> None:
-    _skip_unavailable(paged.scatter, backend)
-
-    @settings(max_examples=EXAMPLES[backend])
-    @given(case=cases(distinct=True))
-    def check(case: Case) -> None:
-        _run_scatter(case, backend)
-
-    _with_examples(check, EDGE_CASES)()
+    check_backend(paged.scatter, backend, cases(distinct=True), _run_scatter, examples=EDGE_CASES,
+                  max_examples=EXAMPLES[backend])
 
 
 # -- the reference against the layout table written out by hand ------------------------------------------------
@@ -428,14 +409,8 @@ def _check_handle_moves_the_same_bytes(case: Case, backend: str) -> None:
 
 @pytest.mark.parametrize("backend", paged.gather.backends())
 def test_handle_and_list_move_identical_bytes(backend: str) -> None:
-    _skip_unavailable(paged.gather, backend)
-
-    @settings(max_examples={"triton": 5, "ext": 20, "reference": 10}[backend])
-    @given(case=cases())
-    def check(case: Case) -> None:
-        _check_handle_moves_the_same_bytes(case, backend)
-
-    _with_examples(check, EDGE_CASES[:4])()
+    check_backend(paged.gather, backend, cases(), _check_handle_moves_the_same_bytes, examples=EDGE_CASES[:4],
+                  max_examples={"triton": 5, "ext": 20, "reference": 10}[backend])
 
 
 @pytest.mark.parametrize(("argument", "make"), [b for b in BAD_GATHER if b[0] in ("layout", "kv_caches")])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import example, given, settings
+from _backends import check_backend
 from hypothesis import strategies as st
 
 from lmkv.adapters.vllm_layout import cpu_attn_block_map
@@ -137,12 +137,6 @@ EDGES = [
 ]
 
 
-def _with(test, cases):
-    for case in cases:
-        test = example(case=case)(test)
-    return test
-
-
 def _skip_unavailable(backend: str) -> None:
     reason = paged.gather.unavailable_reason(backend, "cpu")
     if reason:
@@ -188,26 +182,13 @@ def _check_scatter(case: MapCase, backend: str) -> None:
 
 @pytest.mark.parametrize("backend", paged.gather.backends())
 def test_mapped_gather_agrees_with_reference(backend: str) -> None:
-    _skip_unavailable(backend)
-
-    @settings(max_examples=EXAMPLES[backend])
-    @given(case=map_cases())
-    def check(case: MapCase) -> None:
-        _check_gather(case, backend)
-
-    _with(check, EDGES)()
+    check_backend(paged.gather, backend, map_cases(), _check_gather, examples=EDGES, max_examples=EXAMPLES[backend])
 
 
 @pytest.mark.parametrize("backend", paged.scatter.backends())
 def test_mapped_scatter_agrees_and_round_trips(backend: str) -> None:
-    _skip_unavailable(backend)
-
-    @settings(max_examples=EXAMPLES[backend])
-    @given(case=map_cases(distinct=True))
-    def check(case: MapCase) -> None:
-        _check_scatter(case, backend)
-
-    _with(check, EDGES)()
+    check_backend(paged.scatter, backend, map_cases(distinct=True), _check_scatter, examples=EDGES,
+                  max_examples=EXAMPLES[backend])
 
 
 @pytest.mark.parametrize("backend", paged.gather.backends())
