@@ -6,10 +6,11 @@ alternating in one process:
 
 * ``lookup``: ``KVEngine.lookup`` of the stored prompt (one pipelined EXISTS batch);
 * ``retrieve``: ``KVEngine.retrieve`` (one pipelined GET batch, then decode);
-* ``per_chunk``: the pre-[2/9] read path, one ``get`` per chunk (what retrieve cost before: N round trips),
-  for the ratio.
+* ``per_chunk``: the pre-[2/9] ``retrieve``, one ``get`` per chunk into a staging buffer copied into the output
+  (N round trips), for the ratio.
 
-Goal ([2/9]): retrieve of N chunks <= 3 round trips + transfer time at every N.
+``*_round_trips`` are counted on the wire (request bursts), ``*_implied_rt`` from the timings: (time at this RTT -
+time without added latency) / RTT. Goal ([2/9]): retrieve of N chunks <= 3 round trips + transfer time at every N.
 
     .venv/bin/python -m experiments.bench_remote [--small]
 """
@@ -45,8 +46,16 @@ def measure(redis: LocalRedis, delay_ms: float, num_chunks: int, geometry: KVGeo
             engine.flush()
             chunks = plan.chunks()
 
-            def per_chunk() -> int:
-                return sum(engine.storage.get(c.key, fingerprint=c.fingerprint) is not None for c in chunks)
+            def per_chunk() -> torch.Tensor:
+                """The pre-[2/9] ``KVEngine.retrieve``: one ``get`` per chunk into a reused staging buffer,
+                copied into the output (one round trip per chunk)."""
+                out = torch.empty(geometry.chunk_shape(len(tokens)), dtype=geometry.dtype)
+                staging = torch.empty(geometry.chunk_shape(CHUNK), dtype=geometry.dtype)
+                for c in chunks:
+                    kv = engine.storage.get(c.key, fingerprint=c.fingerprint,
+                                            out=staging if c.num_tokens == CHUNK else None)
+                    out[:, :, c.start:c.end].copy_(kv)
+                return out
 
             trips = {}
             for name, fn in (("lookup", lambda: engine.lookup(plan)), ("retrieve", lambda: engine.retrieve(plan)),
@@ -79,6 +88,17 @@ def run(delays=(0.0, 1.0, 5.0), chunk_counts=(8, 32, 128), geometry: KVGeometry 
         for d, n in tqdm(jobs, desc=NAME, leave=False):
             rows.append(measure(redis, d, n, geometry, repeats))
             redis_flush(redis)
+    return implied_round_trips(rows)
+
+
+def implied_round_trips(rows: list[dict]) -> list[dict]:
+    """Round trips implied by the timings: (time at this RTT - time without added latency) / RTT."""
+    base = {r["chunks"]: r for r in rows if r["rtt_ms"] == 0}
+    for r in rows:
+        b = base.get(r["chunks"])
+        for name in ("lookup", "retrieve", "per_chunk"):
+            if b is not None and r["rtt_ms"] > 0:
+                r[f"{name}_implied_rt"] = (r[f"{name}_s"] - b[f"{name}_s"]) / (r["rtt_ms"] / 1000)
     return rows
 
 
@@ -90,7 +110,7 @@ def redis_flush(redis: LocalRedis) -> None:
 
 
 COLUMNS = ["rtt_ms", "chunks", "lookup_s", "lookup_round_trips", "retrieve_s", "retrieve_round_trips",
-           "per_chunk_s", "per_chunk_round_trips", "per_chunk/retrieve"]
+           "retrieve_implied_rt", "per_chunk_s", "per_chunk_round_trips", "per_chunk_implied_rt", "per_chunk/retrieve"]
 
 
 def plot(rows: list[dict]):

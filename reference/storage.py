@@ -106,33 +106,33 @@ class ReferenceStore:
 
     def get_many(self, keys: Sequence[str], fingerprints: Sequence[bytes | None] | None = None, *,
                  prefix: bool = False) -> list[tuple[torch.Tensor | None, str | None]]:
-        """Two passes, as the real store's one-request-per-tier reads: first tier by tier, each tier is asked (and
-        touched), in key order, for every key no tier above holds; then, in key order, each found object is
-        checked against its fingerprint and promoted into the tiers above its own. ``prefix``: stop at the first
-        miss (later keys are misses, nothing of them is promoted; they were still asked for in the first pass)."""
+        """Three passes, as the real store's one-request-per-tier reads: first, tier by tier, which tier holds each
+        key (a membership query, nothing touched); then, in key order, each key is read from that tier (touched)
+        and checked against its fingerprint; last, in key order, the hits are promoted into the tiers above the
+        one that served them. ``prefix``: stop at the first miss (later keys are neither read nor touched)."""
         fps = list(fingerprints) if fingerprints is not None else [None] * len(keys)
-        found: list[tuple[int, Item] | None] = [None] * len(keys)
+        owner: list[int | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         for i, t in enumerate(self.tiers):
-            left = []
-            for j in todo:
-                item = t.objects.get(keys[j])
-                if item is None:
-                    left.append(j)
-                    continue
-                t.touch(keys[j])
-                found[j] = (i, item)
-            todo = left
+            held = [j for j in todo if keys[j] in t.objects]
+            for j in held:
+                owner[j] = i
+            todo = [j for j in todo if j not in held]
         out: list[tuple[torch.Tensor | None, str | None]] = [(None, None)] * len(keys)
-        for j, hit in enumerate(found):
-            if hit is None or (fps[j] is not None and hit[1].fingerprint != fps[j]):
+        hits: list[tuple[int, str, Item]] = []
+        for j, i in enumerate(owner):
+            item = None if i is None else self.tiers[i].objects[keys[j]]
+            if item is not None:
+                self.tiers[i].touch(keys[j])
+            if item is None or (fps[j] is not None and item.fingerprint != fps[j]):
                 if prefix:
                     break
                 continue
-            i, item = hit
-            for upper in self.tiers[:i]:
-                upper.put(keys[j], item)
             out[j] = (item.tensor(), self.tiers[i].name)
+            hits.append((i, keys[j], item))
+        for i, key, item in hits:
+            for upper in self.tiers[:i]:
+                upper.put(key, item)
         return out
 
     def contains(self, key: str) -> bool:

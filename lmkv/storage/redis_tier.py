@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -343,28 +343,47 @@ class RedisTier:
 
     def get_many(self, keys: Sequence[str]) -> list[Encoded | None]:
         """Every key in one pipelined round trip (pending writes answer locally)."""
-        keys = list(keys)
-        out: list[Encoded | None] = [None] * len(keys)
-        remote: list[int] = []
-        for i, k in enumerate(keys):
-            known, obj = self._pending_lookup(k)
-            if known:
-                out[i] = obj
-            else:
-                remote.append(i)
-        if remote:
-            def fetch() -> list[Any]:
-                pipe = self.client.pipeline(transaction=False)
-                for i in remote:
-                    pipe.get(self._rkey(keys[i]))
-                return pipe.execute()
+        return list(self.iter_many(keys))
 
-            values = self._call(fetch, None) or [None] * len(remote)
-            for i, v in zip(remote, values):
-                out[i] = self._decode(keys[i], v)
-        for obj in out:
-            self._count(obj)
-        return out
+    def iter_many(self, keys: Sequence[str]) -> Iterator[Encoded | None]:
+        """Like :meth:`get_many`, one object at a time: every GET is sent in one pipelined write, and each reply
+        is read and handed over as the consumer asks for it, so a large batch is never held in memory at once and
+        decoding overlaps the transfer. Closing the iterator early drops the unread replies (their connection
+        is discarded, never reused half-read)."""
+        keys = list(keys)
+        known = [self._pending_lookup(k) for k in keys]
+        replies = self._stream_gets([keys[i] for i, (kn, _) in enumerate(known) if not kn])
+        try:
+            for key, (kn, obj) in zip(keys, known, strict=True):
+                if not kn:
+                    obj = self._decode(key, next(replies, None))
+                self._count(obj)
+                yield obj
+        finally:
+            replies.close()
+
+    def _stream_gets(self, keys: list[str]) -> Iterator[Any]:
+        """The raw values of ``keys`` (None for a miss or an unreachable server), replies read lazily."""
+        if not keys or not self.available():
+            return
+        pool = self.client.connection_pool
+        conn, done = None, False
+        try:
+            conn = pool.get_connection()
+            conn.send_packed_command(conn.pack_commands([("GET", self._rkey(k)) for k in keys]))
+            for n in range(len(keys)):
+                reply = conn.read_response()
+                if n == len(keys) - 1:  # every reply read: the connection is clean even if we are closed now
+                    done = True
+                    self._ok()
+                yield reply
+        except self._errors as exc:
+            self._failed(exc)
+        finally:
+            if conn is not None:
+                if not done:
+                    conn.disconnect()  # unread replies would poison the next user of this connection
+                pool.release(conn)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def close(self) -> None:

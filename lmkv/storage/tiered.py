@@ -277,48 +277,61 @@ class TieredStore:
         fps = list(fingerprints) if fingerprints is not None else [None] * len(keys)
         if len(fps) != len(keys):
             raise ValueError(f"fingerprints has {len(fps)} entries for {len(keys)} keys")
-        fetched = self._fetch_many(keys)
+        owner = self._owners(keys)
+        streams = {idx: self.tiers[idx].iter_many([k for k, o in zip(keys, owner, strict=True) if o == idx])
+                   for idx in sorted({o for o in owner if o is not None})}
         result: list[tuple[torch.Tensor | None, str | None]] = [(None, None)] * len(keys)
         hits: list[tuple[int, str, torch.Tensor, bytes]] = []
-        stopped = False
-        for i, key in enumerate(keys):
-            if stopped:
-                if fetched[i] is not None:
-                    fetched[i][1].release()
-                continue
-            buf = out(i) if out is not None else None
-            hit = self._decode_fetched(i, key, fetched[i], fps[i], buf)
-            if hit is None:
-                self._miss(key)
-                stopped = prefix
-                continue
-            idx, kv, stored_fp = hit
-            result[i] = (kv, self.tiers[idx].name)
-            if on_hit is not None:
-                on_hit(i, kv, self.tiers[idx].name)
-            # Promotion waits until every fetched object is released (a pinned memory slot cannot make room);
-            # a hit decoded into a reused buffer is copied for it, as the next decode overwrites the buffer.
-            hits.append((idx, key, kv.clone() if idx and buf is not None else kv, stored_fp))
+        try:
+            for i, key in enumerate(keys):
+                # Each tier's objects arrive in key order, one at a time (Redis: replies read as they are used).
+                first = None
+                if owner[i] is not None:  # an object gone since the membership query: ask the tiers below
+                    obj = next(streams[owner[i]], None)
+                    first = (owner[i], obj) if obj is not None else self._get_below(owner[i], key)
+                buf = out(i) if out is not None else None
+                hit = self._decode_fetched(i, key, first, fps[i], buf)
+                if hit is None:
+                    self._miss(key)
+                    if prefix:
+                        break
+                    continue
+                idx, kv, stored_fp = hit
+                result[i] = (kv, self.tiers[idx].name)
+                if on_hit is not None:
+                    on_hit(i, kv, self.tiers[idx].name)
+                # Promotion waits for the end of the batch (a promotion could evict a key that is still to be
+                # read); a hit decoded into a reused buffer is copied for it, as the next decode overwrites it.
+                hits.append((idx, key, kv.clone() if idx and buf is not None else kv, stored_fp))
+        finally:
+            for stream in streams.values():
+                stream.close()
         for idx, key, kv, stored_fp in hits:
             self._hit(idx, key, kv, stored_fp)
         return result
 
-    def _fetch_many(self, keys: list[str]) -> list[tuple[int, Encoded] | None]:
-        """The first tier's object for every key: one ``get_many`` per tier, for the keys still missing."""
-        fetched: list[tuple[int, Encoded] | None] = [None] * len(keys)
+    def _owners(self, keys: list[str]) -> list[int | None]:
+        """The first tier holding each key, by one membership query per tier for the keys not found above it;
+        the last tier is not asked (its reads answer that): for the usual memory / disk / Redis stack, a read
+        costs Redis one round trip."""
+        owner: list[int | None] = [None] * len(keys)
         todo = list(range(len(keys)))
+        last = len(self.tiers) - 1
         for idx, tier in enumerate(self.tiers):
             if not todo:
                 break
-            objs = tier.get_many([keys[i] for i in todo])
+            if idx == last:
+                for i in todo:
+                    owner[i] = idx
+                break
             left = []
-            for i, obj in zip(todo, objs, strict=True):
-                if obj is None:
-                    left.append(i)
+            for i, held in zip(todo, tier.contains_many([keys[i] for i in todo]), strict=True):
+                if held:
+                    owner[i] = idx
                 else:
-                    fetched[i] = (idx, obj)
+                    left.append(i)
             todo = left
-        return fetched
+        return owner
 
     def _decode_fetched(self, i: int, key: str, first: tuple[int, Encoded] | None, fingerprint: bytes | None,
                         out: torch.Tensor | None) -> tuple[int, torch.Tensor, bytes] | None:

