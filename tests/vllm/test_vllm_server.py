@@ -119,19 +119,21 @@ def _server_args(dtype: str, lmkv: dict[str, Any] | None) -> list[str]:
 
 
 def _serve(model: str, dtype: str, lmkv: dict[str, Any] | None, log: Path, passes: list[str],
-           ids: dict[str, list[int]]) -> dict[str, str]:
+           ids: dict[str, list[int]]) -> dict[str, tuple[str, list[float]]]:
+    """``{"pass:prompt": (greedy text, log-probability of every generated token)}`` from one server."""
     from lmkv.testing import VllmServer
 
     # The same threads with and without a connector (a connector makes vLLM reserve a core): same arithmetic.
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
            "TRITON_INTERPRET": None}
-    texts: dict[str, str] = {}
+    texts: dict[str, tuple[str, list[float]]] = {}
     server = VllmServer(model, _server_args(dtype, lmkv), env=env, log_path=log)
     try:
         server.start()
         for tag in passes:
             for name, prompt in ids.items():  # one at a time: each lookup sees what the previous request stored
-                texts[f"{tag}:{name}"] = server.complete(prompt, max_tokens=MAX_TOKENS)["text"]
+                choice = server.complete(prompt, max_tokens=MAX_TOKENS, logprobs=1)
+                texts[f"{tag}:{name}"] = (choice["text"], choice["logprobs"]["token_logprobs"])
     except Exception as exc:  # noqa: BLE001 - the server log says why
         pytest.fail(f"vLLM server ({dtype}, lmkv={lmkv is not None}) failed: {exc}\n{server.log_tail()}")
     finally:
@@ -171,6 +173,8 @@ def _loads(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def test_cold_warm_and_fresh_server_match_plain_vllm(served: dict[str, Any]) -> None:
+    """Text and log-probabilities, exactly: a tiny random model's greedy text barely depends on its context, its
+    log-probabilities do, so wrong KV anywhere in the prompt shows even where the text survives."""
     plain, lmkv, fresh = served["plain"], served["lmkv"], served["fresh"]
     wrong = {}
     for name in served["ids"]:
