@@ -10,8 +10,8 @@ writes, counted in :meth:`stats`.
 The ``*_many`` forms take a batch and answer in order; a remote tier answers a batch in one round trip (Redis:
 one pipeline), which is how :class:`lmkv.storage.TieredStore` asks each tier once per call. ``iter_many`` is
 ``get_many`` handed over one object at a time (Redis: all requests in one write, replies read as consumed).
-``shared`` says whether another process sees what this tier holds (disk, Redis: yes; the process's RAM pool: no): the vLLM
-scheduler looks up only those. Local tiers get the batch forms from :class:`OneByOne`.
+``shared`` says whether another process sees what this tier holds (disk, Redis: yes; the process's RAM pool:
+no): the vLLM scheduler looks up only those. Local tiers get the batch forms from :class:`OneByOne`.
 """
 
 from __future__ import annotations
