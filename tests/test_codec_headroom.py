@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from experiments.codec_frontier import anchor_delta_rows, klt_rows  # importable: pyproject's pytest pythonpath = "."
+from lmkv.tools.codec_headroom import anchor_delta_rows, klt_rows
 
 
 def _by(rows: list[dict], plane: str, group: int) -> dict:
