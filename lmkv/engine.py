@@ -176,11 +176,10 @@ class KVEngine:
         """
         plan = self.plan(tokens)
         t0 = time.perf_counter()
-        count = plan.count_within(len(plan) if end is None else end)
-        chunks = plan.chunks(plan.end_of(count))
+        chunks = plan.chunks(end)
         # One output for every chunk, filled through a reused staging chunk: no per-chunk allocation and no
         # final concatenation (fresh allocations are page-fault bound at a fraction of copy bandwidth).
-        out = torch.empty(self.geometry.chunk_shape(plan.end_of(count)), dtype=self.geometry.dtype)
+        out = torch.empty(self.geometry.chunk_shape(chunks[-1].end if chunks else 0), dtype=self.geometry.dtype)
         served: list[tuple[Chunk, str]] = []
 
         def on_hit(i: int, kv: torch.Tensor, tier: str) -> None:

@@ -99,7 +99,6 @@ class BlockMap:
                 f"span={self.span})")
 
 
-
 Layout = str | BlockMap
 
 

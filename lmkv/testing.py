@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -213,8 +215,6 @@ class LatencyProxy:
     """
 
     def __init__(self, target_port: int, delay_s: float = 0.0) -> None:
-        import threading
-
         self.target_port = target_port
         self.delay_s = float(delay_s)
         self.round_trips = 0
@@ -229,8 +229,6 @@ class LatencyProxy:
         self._spawn(self._accept)
 
     def _spawn(self, fn: Any, *args: Any) -> None:
-        import threading
-
         t = threading.Thread(target=fn, args=args, daemon=True)
         t.start()
         self._threads.append(t)
@@ -249,8 +247,6 @@ class LatencyProxy:
             self._spawn(self._pump, upstream, client, "server", state)
 
     def _pump(self, src: socket.socket, dst: socket.socket, side: str, state: dict[str, str]) -> None:
-        import queue
-
         pending: queue.Queue = queue.Queue()
         self._spawn(self._deliver, dst, pending)
         try:

@@ -42,22 +42,19 @@ CacheWrite = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], 
 
 def cpu_attn_block_map(isa: str, block_size: int, heads: int, head_dim: int, dtype: torch.dtype) -> BlockMap | None:
     """The documented layout of vLLM CPU kernel ``isa`` as a BlockMap, or None for kernels lmkv does not know."""
-    o = torch.arange(block_size, dtype=torch.int64).view(block_size, 1, 1)
-    h = torch.arange(heads, dtype=torch.int64).view(1, heads, 1)
-    d = torch.arange(head_dim, dtype=torch.int64).view(1, 1, head_dim)
-    head = h * (2 * block_size * head_dim)
-    plane = block_size * head_dim  # values start after the head's BS * D keys
-    if isa in ("vec", "vec16"):
-        key = head + d * block_size + o
-        value = head + plane + o * head_dim + d
-    elif isa == "amx":  # vLLM picks it for bf16 with D % 32 == 0; the pairs are of 2-byte elements
-        if block_size % 32 or head_dim % 32 or torch.empty((), dtype=dtype).element_size() != 2:
-            return None
-        key = head + (o // 16) * (16 * head_dim) + (d // 2) * 32 + (o % 16) * 2 + d % 2
-        value = head + plane + (d // 16) * (16 * block_size) + (o // 2) * 32 + (d % 16) * 2 + o % 2
-    else:
-        return None
     name = f"vllm CPU_ATTN/{isa} {str(dtype).removeprefix('torch.')}"
+    head = 2 * block_size * head_dim  # elements per head: BS * D keys, then BS * D values
+    plane = block_size * head_dim     # values start after the head's keys
+    if isa in ("vec", "vec16"):  # each plane strided (o, h, d): keys [H, D, BS], values [H, BS, D]
+        return BlockMap.from_strides(block_size, heads, head_dim, ((1, head, block_size), (head_dim, head, 1)),
+                                     (0, plane), name=name)
+    if isa != "amx" or block_size % 32 or head_dim % 32 or torch.empty((), dtype=dtype).element_size() != 2:
+        return None  # amx: vLLM picks it for bf16 with D % 32 == 0; the pairs are of 2-byte elements
+    o = torch.arange(block_size, dtype=torch.int64).view(block_size, 1, 1)
+    h = torch.arange(heads, dtype=torch.int64).view(1, heads, 1) * head
+    d = torch.arange(head_dim, dtype=torch.int64).view(1, 1, head_dim)
+    key = h + (o // 16) * (16 * head_dim) + (d // 2) * 32 + (o % 16) * 2 + d % 2
+    value = h + plane + (d // 16) * (16 * block_size) + (o // 2) * 32 + (d % 16) * 2 + o % 2
     return BlockMap(torch.stack([key, value]), name=name)
 
 

@@ -234,20 +234,13 @@ class TieredStore:
         if fingerprint is not None and (not isinstance(fingerprint, (bytes, bytearray))
                                         or len(fingerprint) > MAX_FINGERPRINT):
             raise TypeError(f"fingerprint must be bytes of at most {MAX_FINGERPRINT}, got {fingerprint!r}")
-        for idx, tier in enumerate(self.tiers):
-            obj = tier.get(key)
-            if obj is None:
-                continue
-            fp = obj.header.fingerprint
-            kv = self._decode(idx, key, obj, fingerprint, out)
-            if kv is None:
-                if fingerprint is not None and fp != fingerprint:
-                    break  # the key is taken by other tokens: lower tiers hold the same object
-                continue
-            self._hit(idx, key, kv, fp)
-            return kv, tier.name
-        self._miss(key)
-        return None, None
+        hit = self._decode_fetched(key, self._first_below(-1, key), fingerprint, out)
+        if hit is None:
+            self._miss(key)
+            return None, None
+        idx, kv, stored_fp = hit
+        self._hit(idx, key, kv, stored_fp)
+        return kv, self.tiers[idx].name
 
     def get(self, key: str, *, fingerprint: bytes | None = None, out: torch.Tensor | None = None
             ) -> torch.Tensor | None:
@@ -288,9 +281,9 @@ class TieredStore:
                 first = None
                 if owner[i] is not None:  # an object gone since the membership query: ask the tiers below
                     obj = next(streams[owner[i]], None)
-                    first = (owner[i], obj) if obj is not None else self._get_below(owner[i], key)
+                    first = (owner[i], obj) if obj is not None else self._first_below(owner[i], key)
                 buf = out(i) if out is not None else None
-                hit = self._decode_fetched(i, key, first, fps[i], buf)
+                hit = self._decode_fetched(key, first, fps[i], buf)
                 if hit is None:
                     self._miss(key)
                     if prefix:
@@ -333,9 +326,11 @@ class TieredStore:
             todo = left
         return owner
 
-    def _decode_fetched(self, i: int, key: str, first: tuple[int, Encoded] | None, fingerprint: bytes | None,
+    def _decode_fetched(self, key: str, first: tuple[int, Encoded] | None, fingerprint: bytes | None,
                         out: torch.Tensor | None) -> tuple[int, torch.Tensor, bytes] | None:
-        """Decode the fetched object; if it is corrupt, try the tiers below it one by one (the rare path)."""
+        """Decode ``first = (tier index, object)``: ``(tier index, kv, stored fingerprint)``, or None for a miss. A
+        corrupt object falls back to the tiers below it one by one; a fingerprint mismatch does not (the key is
+        taken by other tokens, and lower tiers hold the same object)."""
         if first is None:
             return None
         idx, obj = first
@@ -345,13 +340,14 @@ class TieredStore:
             if kv is not None:
                 return idx, kv, stored_fp
             if fingerprint is not None and stored_fp != fingerprint:
-                return None  # the key is taken by other tokens: lower tiers hold the same object
-            nxt = self._get_below(idx, key)
+                return None
+            nxt = self._first_below(idx, key)
             if nxt is None:
                 return None
             idx, obj = nxt
 
-    def _get_below(self, idx: int, key: str) -> tuple[int, Encoded] | None:
+    def _first_below(self, idx: int, key: str) -> tuple[int, Encoded] | None:
+        """The first object of ``key`` in a tier below ``idx`` (-1: in any tier), read with ``get``."""
         for j in range(idx + 1, len(self.tiers)):
             obj = self.tiers[j].get(key)
             if obj is not None:
