@@ -76,6 +76,7 @@ class MemoryConfig:
     policy: str = _f("lru", "eviction policy", choices=("lru", "fifo"))
     serde: str = _f("raw", "how objects are encoded in this tier", choices=("raw", "cachegen"))
     pinned: bool = _f(True, "allocate the pool in pinned memory when CUDA is present")
+    prefault: bool = _f(True, "touch the pool's pages at start on a background thread (capacity comes up as it goes)")
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,8 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v)
+        elif isinstance(v, dict) and k in out:
+            continue  # a section given as a non-mapping: keep it, so validation names it
         else:
             out[k] = v
     return out

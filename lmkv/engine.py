@@ -93,7 +93,6 @@ class KVEngine:
         self.counters = EngineCounters()
         self._lock = threading.Lock()
         self._last_tiers: dict[str, int] = {}
-        self._local = threading.local()  # per-thread staging buffer for retrieve
 
     # -- construction helpers ------------------------------------------------------------------------------
     @classmethod
@@ -165,61 +164,78 @@ class KVEngine:
             self.counters.store_s += time.perf_counter() - t0
         return stored
 
-    def retrieve(self, tokens: Any, *, end: int | None = None) -> tuple[torch.Tensor, int]:
+    def retrieve(self, tokens: Any, *, end: int | None = None, out: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, int]:
         """KV of the longest stored prefix of ``tokens`` (a sequence or its plan), among the chunks ending at or
         before ``end`` (default: all).
 
+        Args:
+            out: where to write, ``[L, 2, >= T, H, D]`` in the geometry's dtype, any strides and device (a view
+                into a consumer's own cache tensors, a reused buffer); T is the end of the last chunk asked for.
+                Default: a fresh tensor.
         Returns:
-            ``(kv [L, 2, n, H, D], n)``; n = 0 gives an empty kv. Reading stops at the first chunk that is
-            missing, corrupt, or whose token fingerprint does not match. Storage is asked once per tier for all
-            the chunks (one pipelined round trip to Redis), not once per chunk.
+            ``(kv [L, 2, n, H, D], n)``, kv a view of ``out``; n = 0 gives an empty kv. Reading stops at the first
+            chunk that is missing, corrupt, or whose token fingerprint does not match. Storage is asked once per
+            tier for all the chunks (one pipelined round trip to Redis), and each chunk is copied once, from the
+            stored bytes straight into ``out``.
         """
         plan = self.plan(tokens)
-        t0 = time.perf_counter()
         chunks = plan.chunks(end)
-        # One output for every chunk, filled through a reused staging chunk: no per-chunk allocation and no
-        # final concatenation (fresh allocations are page-fault bound at a fraction of copy bandwidth).
-        out = torch.empty(self.geometry.chunk_shape(chunks[-1].end if chunks else 0), dtype=self.geometry.dtype)
-        served: list[tuple[Chunk, str]] = []
-
-        def on_hit(i: int, kv: torch.Tensor, tier: str) -> None:
-            c = chunks[i]
-            if not self._fits(kv, c.num_tokens):
-                return  # a foreign object under our key (the key names the geometry): corruption, not served
-            out[:, :, c.start:c.end].copy_(kv)
-            served.append((c, tier))
-
-        self.storage.get_many([c.key for c in chunks], [c.fingerprint for c in chunks], prefix=True,
-                              out=lambda i: self._staging(chunks[i].num_tokens), on_hit=on_hit)
-        n, tiers = self._served_prefix(served)
-        out = out[:, :, :n]
+        total = chunks[-1].end if chunks else 0
+        if out is None:
+            out = torch.empty(self.geometry.chunk_shape(total), dtype=self.geometry.dtype)
+        else:
+            self._check_out(out, total)
+        t0 = time.perf_counter()
+        n = self._read(chunks, lambda c, kv: out[:, :, c.start:c.end].copy_(kv))
         with self._lock:
-            self.counters.retrieved_tokens += n
             self.counters.hit_tokens += n
             self.counters.missed_tokens += len(plan) - n
             self.counters.retrieve_s += time.perf_counter() - t0
-            self._last_tiers = tiers
-        return out, n
+        return out[:, :, :n], n
 
-    def _served_prefix(self, served: list[tuple[Chunk, str]]) -> tuple[int, dict[str, int]]:
-        """Tokens covered by the hits that form a prefix (a foreign object ends it) and the tokens per tier."""
-        n = 0
+    def _check_out(self, out: Any, total: int) -> None:
+        g = self.geometry
+        want = g.chunk_shape(total)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        ok = out.dim() == len(want) and out.shape[2] >= total and all(
+            out.shape[d] == want[d] for d in range(len(want)) if d != 2)
+        if not ok or out.dtype != g.dtype:
+            raise ValueError(f"out must be {g.dtype} of shape {want} (dim 2 >= {total}), got {out.dtype} "
+                             f"{tuple(out.shape)}")
+
+    def _read(self, chunks: Sequence[Chunk], sink: Any) -> int:
+        """Hand each stored chunk of the prefix ``chunks`` to ``sink(chunk, kv)``, in order; the tokens served.
+
+        ``kv`` is a zero-copy view of the stored bytes, valid only during the call: the sink copies it to where it
+        belongs (one copy). A foreign object ends the prefix: no later chunk reaches the sink.
+        """
+        served: list[tuple[Chunk, str]] = []
+        broken = False
+
+        def on_hit(i: int, kv: torch.Tensor, tier: str) -> None:
+            nonlocal broken
+            c = chunks[i]
+            if broken or c.start != (served[-1][0].end if served else chunks[0].start):
+                broken = True
+                return
+            if not self._fits(kv, c.num_tokens):
+                broken = True  # a foreign object under our key (the key names the geometry): corruption
+                return
+            sink(c, kv)
+            served.append((c, tier))
+
+        self.storage.get_many([c.key for c in chunks], [c.fingerprint for c in chunks], prefix=True,
+                              on_hit=on_hit, borrow=True)
         tiers: dict[str, int] = {}
         for c, tier in served:
-            if c.start != n:
-                break
-            n = c.end
             tiers[tier] = tiers.get(tier, 0) + c.num_tokens
-        return n, tiers
-
-    def _staging(self, num_tokens: int) -> torch.Tensor | None:
-        """A reused contiguous buffer for one full chunk (None for a partial chunk)."""
-        if num_tokens != self.chunk_size:
-            return None
-        buf = getattr(self._local, "staging", None)
-        if buf is None:
-            buf = self._local.staging = torch.empty(self.geometry.chunk_shape(num_tokens), dtype=self.geometry.dtype)
-        return buf
+        n = served[-1][0].end if served else 0
+        with self._lock:
+            self.counters.retrieved_tokens += n
+            self._last_tiers = tiers
+        return n
 
     # -- position-free segments (CacheBlend) ---------------------------------------------------------------
     def segment_plan(self, tokens: Any, separator: Any) -> list[Chunk]:
@@ -308,11 +324,21 @@ class KVEngine:
         end = len(toks) if end is None else end
         if end > slot_mapping.shape[0]:
             raise ValueError(f"end={end} exceeds slot_mapping length {slot_mapping.shape[0]}")
-        kv, n = self.retrieve(plan if plan is not None else toks[:end], end=end)
-        n = min(n, end)
-        if n > start:
-            paged.scatter(kv[:, :, start:n].contiguous(), kv_caches, slot_mapping[start:n], layout=layout)
-        return max(n, start) if n > start else start
+        plan = plan if plan is not None else self.plan(toks[:end])
+        t0 = time.perf_counter()
+
+        def scatter(c: Chunk, kv: torch.Tensor) -> None:
+            lo = max(c.start, start)
+            if lo < c.end:  # straight from the stored bytes into the paged cache, no intermediate chunk tensor
+                src = kv if lo == c.start else kv[:, :, lo - c.start:].contiguous()
+                paged.scatter(src, kv_caches, slot_mapping[lo:c.end], layout=layout)
+
+        n = min(self._read(plan.chunks(end), scatter), end)
+        with self._lock:
+            self.counters.hit_tokens += n
+            self.counters.missed_tokens += len(plan) - n
+            self.counters.retrieve_s += time.perf_counter() - t0
+        return max(n, start)
 
     # -- housekeeping --------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -28,6 +28,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests must not pick up a developer's own overrides.
 for _var in [v for v in os.environ if v.startswith("LMKV_") and v not in ("LMKV_CACHE_DIR", "LMKV_EXT_VERBOSE")]:
     del os.environ[_var]
+# Engines built from the default config would each touch a 2 GiB pool in the background: on a 2-core CI box
+# that competes with every test. Tests of prefaulting build their tier with prefault=True explicitly.
+os.environ["LMKV_MEMORY_PREFAULT"] = "0"
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

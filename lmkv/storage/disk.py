@@ -2,7 +2,9 @@
 
 Limits: files are written with plain buffered I/O and no fsync (an object is durable once the OS writes it
 back; a torn file after a power loss fails its checksum and reads as a miss). ``o_direct`` applies to reads
-only (aligned buffer, falls back to buffered reads where the filesystem refuses O_DIRECT). The index lives in
+only (aligned buffer, falls back to buffered reads where the filesystem refuses O_DIRECT). Reads land in pooled,
+page-aligned buffers (``lmkv.storage.buffers``; at most ``read_buffer_bytes`` of idle ones are kept) that go
+back to the pool when the object is released: no read allocates once the pool is warm. The index lives in
 memory and is rebuilt on start by reading each file's header (one small read per object), with recency taken
 from the files' mtimes; leftover ``.tmp`` files older than ten minutes (a crash, not a writer in another
 process) are deleted then. Objects that another process writes into the same directory later are adopted on
@@ -20,7 +22,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import itertools
-import mmap
 import os
 import threading
 import time
@@ -28,10 +29,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from lmkv.errors import CorruptObject
 from lmkv.storage.base import OneByOne, TierStats, WarnOnce, log
+from lmkv.storage.buffers import BufferPool
 from lmkv.storage.objects import MAX_HEADER, Encoded, parse_header, verify_payload
 from lmkv.storage.policy import make_policy
 
@@ -64,7 +64,7 @@ class DiskTier(OneByOne):
     shared = True  # other processes on this machine see the directory (contains/get adopt their files)
 
     def __init__(self, path: str | os.PathLike[str], capacity: int, *, io_threads: int = 2,
-                 o_direct: bool = False, policy: str = "lru") -> None:
+                 o_direct: bool = False, policy: str = "lru", read_buffer_bytes: int = 256 << 20) -> None:
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
             raise ValueError(f"capacity must be a byte count >= 0, got {capacity!r}")
         if not isinstance(io_threads, int) or io_threads < 1:
@@ -76,6 +76,7 @@ class DiskTier(OneByOne):
         self._tmp_ids = itertools.count()
         self._capacity = capacity
         self._o_direct = bool(o_direct) and hasattr(os, "O_DIRECT")
+        self._buffers = BufferPool(read_buffer_bytes)
         self._policy = make_policy(policy)
         self._index: dict[str, int] = {}  # key -> file size
         self._pending: dict[str, _Job] = {}
@@ -360,30 +361,30 @@ class DiskTier(OneByOne):
             actual = os.fstat(fd).st_size
             if actual > self._capacity:  # bound the allocation before trusting anything in the file
                 raise CorruptObject(f"file is {actual} bytes, larger than the tier ({self._capacity})")
-            if self._o_direct:
-                padded = (actual + _BLOCK - 1) // _BLOCK * _BLOCK
-                keep = mmap.mmap(-1, max(padded, _BLOCK))  # page-aligned, as O_DIRECT requires
-                buf = memoryview(keep)[:padded]
-            else:
-                keep = torch.empty(actual, dtype=torch.uint8)
-                buf = memoryview(keep.numpy()).cast("B")
-            got = 0
-            while got < len(buf):
-                n = os.readv(fd, [buf[got:]])
-                if n == 0:
-                    break
-                got += n
-            if got != actual:
-                raise CorruptObject(f"short read: {got} of {actual} bytes")
+            # A pooled, page-aligned buffer (O_DIRECT-ready): a read into fresh memory is page-fault bound
+            # (1.7 GB/s here for 32 MiB from a warm page cache, 16 GB/s into a reused buffer).
+            padded = (actual + _BLOCK - 1) // _BLOCK * _BLOCK if self._o_direct else actual
+            buf = self._buffers.take(padded)
+            try:
+                got = 0
+                while got < actual:  # not past EOF: O_DIRECT refuses an unaligned offset there
+                    n = os.preadv(fd, [buf.view[got:]], got)
+                    if n == 0:
+                        break
+                    got += n
+                if got != actual:
+                    raise CorruptObject(f"short read: {got} of {actual} bytes")
+                header = parse_header(buf.view[:actual])
+                if header.key != key:
+                    raise CorruptObject(f"file holds key {header.key!r}, expected {key!r}")
+                verify_payload(header, buf.view[header.header_len:actual])
+            except BaseException:
+                buf.release()
+                raise
         finally:
             os.close(fd)
-        data = buf[:actual]
-        header = parse_header(data)
-        if header.key != key:
-            raise CorruptObject(f"file holds key {header.key!r}, expected {key!r}")
-        payload = data[header.header_len:]
-        verify_payload(header, payload)
-        return Encoded(header, payload, owned=True, keepalive=keep)
+        # release recycles the buffer, unless a consumer took the payload to keep it (Encoded.take)
+        return Encoded(header, buf.data[header.header_len:actual], owned=True, release=buf.release)
 
     # -- removal and lifecycle -----------------------------------------------------------------------
     def remove(self, key: str) -> bool:

@@ -2,9 +2,19 @@
 
 Limits: the pool is one contiguous uint8 tensor (pinned when CUDA is present and ``pinned`` is set), carved by
 a first-fit allocator with coalescing, 64-byte aligned. Fragmentation can make a put evict more than the
-strictly needed bytes; an object larger than the pool is rejected (a dropped write, never an error).
-Objects are kept unverified (RAM is trusted): the payload checksum is computed lazily, once, when the object
-is first written to a lower tier.
+strictly needed bytes; an object larger than the pool is rejected (a dropped write, never an error). Objects
+are kept unverified (RAM is trusted): the payload checksum is computed lazily, once, when the object is first
+written to a lower tier.
+
+Prefault: with ``prefault`` the pool's pages are touched at start on a background thread, 64 MiB at a time,
+and each span joins the allocator once it is touched. A copy into a fresh page costs a page fault (about 3x a
+copy into mapped memory here), and the first touch of 4 GiB took 13 s when it happened lazily on the request
+path. ``capacity_bytes`` reports what is usable so far; a put that finds no room while spans are still
+untouched touches the next span itself before it considers evicting anything.
+
+Copies are ``torch`` ``copy_`` calls, which run on torch's intra-op threads (every core the process may use),
+from the caller's tensor, whatever its strides or device, straight into the slot: a chunk sliced out of a
+longer KV tensor is copied once, not made contiguous first.
 
 Eviction follows the policy only; evicting a pinned object unlinks it at once and its bytes come back when
 it is released, so a put into a full pool may wait (bounded) for a lower tier that is still writing.
@@ -30,6 +40,7 @@ from lmkv.storage.policy import make_policy
 
 ALIGN = 64
 PIN_WAIT = 5.0  # seconds a put waits for evicted-but-pinned bytes (a lower tier still writing them)
+FAULT_STEP = 64 << 20  # bytes touched per prefault step (~0.1 s here): the unit in which capacity comes up
 
 
 def _round(n: int) -> int:
@@ -39,11 +50,19 @@ def _round(n: int) -> int:
 class Arena:
     """First-fit byte allocator over ``[0, capacity)`` with neighbour coalescing (not thread-safe)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, usable: int | None = None) -> None:
         self.capacity = capacity
-        self._free: dict[int, int] = {0: capacity} if capacity else {}  # start -> size
-        self._ends: dict[int, int] = {capacity: 0} if capacity else {}  # end -> start
-        self.free_bytes = capacity
+        self.limit = capacity if usable is None else usable  # [0, limit) is managed; grow() extends it
+        self._free: dict[int, int] = {0: self.limit} if self.limit else {}  # start -> size
+        self._ends: dict[int, int] = {self.limit: 0} if self.limit else {}  # end -> start
+        self.free_bytes = self.limit
+
+    def grow(self, n: int) -> None:
+        """Add ``[limit, limit + n)`` as free space (coalesced with a free span that ends at ``limit``)."""
+        n = min(n, self.capacity - self.limit)
+        if n > 0:
+            start, self.limit = self.limit, self.limit + n
+            self.free(start, n)
 
     def alloc(self, n: int) -> int | None:
         for start, size in self._free.items():
@@ -77,7 +96,7 @@ class Arena:
         for s, n, what in spans:
             assert s == pos, f"arena gap or overlap at {pos} (next {what} span starts at {s})"
             pos = s + n
-        assert pos == self.capacity, f"arena spans end at {pos}, capacity {self.capacity}"
+        assert pos == self.limit, f"arena spans end at {pos}, limit {self.limit}"
         assert sum(self._free.values()) == self.free_bytes
 
 
@@ -94,32 +113,61 @@ class MemoryTier(OneByOne):
     name = "memory"
     shared = False  # this process's RAM
 
-    def __init__(self, capacity: int, *, policy: str = "lru", pinned: bool = False) -> None:
+    def __init__(self, capacity: int, *, policy: str = "lru", pinned: bool = False, prefault: bool = False) -> None:
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
             raise ValueError(f"capacity must be a byte count >= 0, got {capacity!r}")
         capacity = capacity // ALIGN * ALIGN
         pin = bool(pinned and torch.cuda.is_available())
         self._pool = torch.empty(capacity, dtype=torch.uint8, pin_memory=pin)
         self._pool_ptr = self._pool.data_ptr()
-        self._pool_np = self._pool.numpy()
-        self._arena = Arena(capacity)
+        self._arena = Arena(capacity, usable=0 if prefault else capacity)
         self._index: dict[str, _Slot] = {}
         self._policy = make_policy(policy)
         self._lock = threading.RLock()
+        self._grow_lock = threading.Lock()  # one toucher at a time, so the usable span grows in order
         self._stats = TierStats()
         self._dead_pinned: set[_Slot] = set()  # unlinked slots that readers or writers still hold
         self._dead_bytes = 0
         self._freed = threading.Condition(self._lock)
         self._warn = WarnOnce()
         self._closed = False
+        self._prefaulter: threading.Thread | None = None
+        if prefault and capacity:
+            self._prefaulter = threading.Thread(target=self._prefault, name="lmkv-memory-prefault", daemon=True)
+            self._prefaulter.start()
+
+    # -- prefault ------------------------------------------------------------------------------------
+    def _grow(self) -> bool:
+        """Touch the next untouched span of the pool and hand it to the allocator; False when none is left."""
+        with self._grow_lock:
+            start = self._arena.limit  # only this lock's holder moves limit
+            n = min(FAULT_STEP, self._arena.capacity - start)
+            if n <= 0 or self._closed:
+                return False
+            self._pool[start:start + n].zero_()  # the page faults happen here, off the tier lock
+            with self._lock:
+                self._arena.grow(n)
+                self._freed.notify_all()
+            return True
+
+    def _prefault(self) -> None:
+        while self._grow():
+            pass
+
+    def wait_prefaulted(self, timeout: float | None = None) -> bool:
+        """Wait until the whole pool is usable (True), or ``timeout`` seconds (False)."""
+        if self._prefaulter is not None:
+            self._prefaulter.join(timeout)
+        return self._arena.limit == self._arena.capacity
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def capacity_bytes(self) -> int:
-        return self._arena.capacity
+        """Usable bytes: the configured capacity once prefaulting is done, the part touched so far before."""
+        return self._arena.limit
 
     def usage_bytes(self) -> int:
         with self._lock:
-            return self._arena.capacity - self._arena.free_bytes
+            return self._arena.limit - self._arena.free_bytes
 
     def __len__(self) -> int:
         return len(self._index)
@@ -130,7 +178,8 @@ class MemoryTier(OneByOne):
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {**self._stats.as_dict(), "usage_bytes": self.usage_bytes(), "objects": len(self._index)}
+            return {**self._stats.as_dict(), "usage_bytes": self.usage_bytes(), "objects": len(self._index),
+                    "capacity_bytes": self._arena.limit, "capacity_target": self._arena.capacity}
 
     def _retire(self, slot: _Slot) -> None:
         slot.dead = True
@@ -186,32 +235,47 @@ class MemoryTier(OneByOne):
         with self._lock:
             return key in self._index
 
-    def put(self, key: str, obj: Encoded) -> bool:
-        """Copy ``obj`` into the pool (synchronously) and release it. False when it does not fit."""
-        try:
-            n = obj.header.payload_len
-            alloc_len = _round(n)
+    def _reserve(self, key: str, n: int) -> int | None:
+        """Offset of ``n`` free bytes (evicting in policy order once the whole pool is usable), or None."""
+        first = True
+        while True:
             with self._lock:
                 if self._closed:
-                    return False
-                old = self._index.pop(key, None)  # replaced: its bytes count as free for the new object
-                if old is not None:
-                    self._policy.remove(key)
-                    self._retire(old)
-                off = self._arena.alloc(alloc_len)  # the common case: no eviction needed
-                if off is None and alloc_len <= self._arena.capacity:
-                    off = self._allocate(alloc_len)
-                if off is None:
+                    return None
+                if first:  # replaced: the old object's bytes count as free for the new one
+                    old = self._index.pop(key, None)
+                    if old is not None:
+                        self._policy.remove(key)
+                        self._retire(old)
+                    first = False
+                off = self._arena.alloc(n)  # the common case: no eviction needed
+                if off is not None or n > self._arena.capacity:
+                    return off
+                if self._arena.limit == self._arena.capacity:
+                    return self._allocate(n)
+            self._grow()  # still prefaulting: touch the next span rather than evict
+
+    def put(self, key: str, obj: Encoded) -> bool:
+        """Copy ``obj`` into the pool (synchronously) and release it. False when it does not fit.
+
+        A tensor payload may have any strides and live on any device: it is copied once, by ``copy_``.
+        """
+        try:
+            n = obj.header.payload_len
+            src = obj.payload
+            if isinstance(src, torch.Tensor) and src.numel() * src.element_size() != n:
+                raise ValueError(f"payload tensor holds {src.numel() * src.element_size()} bytes, header says {n}")
+            alloc_len = _round(n)
+            off = self._reserve(key, alloc_len)
+            if off is None:
+                with self._lock:
                     self._stats.rejected += 1
-                    self._warn("full", "memory tier: object %r (%d bytes) does not fit in %d bytes; not cached",
-                               key, n, self._arena.capacity)
-                    return False
+                self._warn("full", "memory tier: object %r (%d bytes) does not fit in %d bytes; not cached",
+                           key, n, self._arena.capacity)
+                return False
             # The copy runs without the lock: the reserved span is in neither the index nor the free list.
             if n:
-                # one memmove (GIL released): torch's per-op overhead matters next to a 2 MiB copy
-                addr, keep = obj.address()
-                ctypes.memmove(self._pool_ptr + off, addr, n)
-                del keep
+                self._copy_in(off, obj)
             header = obj.header  # shared: a lower tier may fill in its checksum, which is the same bytes'
             with self._lock:
                 old = self._index.pop(key, None)
@@ -226,6 +290,17 @@ class MemoryTier(OneByOne):
         finally:
             obj.release()
 
+    def _copy_in(self, off: int, obj: Encoded) -> None:
+        n = obj.header.payload_len
+        dst = self._pool[off:off + n]
+        src = obj.payload
+        if isinstance(src, torch.Tensor):
+            dst.view(src.dtype).view(src.shape).copy_(src)  # strided or on another device: still one copy
+        else:
+            addr, keep = obj.address()
+            ctypes.memmove(self._pool_ptr + off, addr, n)
+            del keep
+
     def _lease(self, key: str, *, count: bool) -> Encoded | None:
         with self._lock:
             slot = self._index.get(key)
@@ -238,7 +313,7 @@ class MemoryTier(OneByOne):
                 self._policy.touch(key)
                 self._stats.hits += 1
                 self._stats.bytes_read += slot.header.payload_len
-        payload = self._pool_np[slot.offset:slot.offset + slot.header.payload_len]
+        payload = self._pool[slot.offset:slot.offset + slot.header.payload_len]
         return Encoded(slot.header, payload, owned=False, release=lambda: self._unpin(slot),
                        addr=self._pool_ptr + slot.offset)
 
@@ -271,6 +346,8 @@ class MemoryTier(OneByOne):
         with self._lock:
             self.clear()
             self._closed = True
+        if self._prefaulter is not None:
+            self._prefaulter.join()
 
     def assert_no_leaks(self) -> None:
         """Raise AssertionError unless every lease was released and the pool accounting is exact."""

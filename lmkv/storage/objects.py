@@ -187,10 +187,11 @@ class Encoded:
 
     ``payload`` is a buffer (bytes, bytearray, memoryview) or a contiguous CPU tensor (any dtype: its bytes
     are the payload); :meth:`view` gives bytes either way. ``owned`` means the payload belongs to whoever
-    holds this object (a fresh read), so it may be wrapped into a tensor without a copy. Otherwise it is
-    borrowed (a lease on a memory-tier pool slot, or a caller's tensor) and must be copied out before
-    :meth:`release`. Whoever receives an Encoded must release it exactly once (``with`` does that); tiers
-    that take one in ``put`` release it when they are done.
+    holds this object (a read into a buffer of its own), so it may be wrapped into a tensor without a copy:
+    :meth:`take` it first, so that releasing the object does not recycle a pooled read buffer under the
+    wrapper. Otherwise it is borrowed (a lease on a memory-tier pool slot, or a caller's tensor) and must be
+    copied out before :meth:`release`. Whoever receives an Encoded must release it exactly once (``with``
+    does that); tiers that take one in ``put`` release it when they are done.
     """
 
     __slots__ = ("header", "payload", "owned", "_release", "keepalive", "_addr")
@@ -221,6 +222,14 @@ class Encoded:
             return p.data_ptr(), p
         arr = np.frombuffer(self.view(), dtype=np.uint8)
         return arr.ctypes.data, arr
+
+    def take(self) -> Buffer:
+        """The payload, kept by the caller beyond :meth:`release` (owned objects only): a pooled read buffer is
+        then freed with the payload instead of going back to its pool."""
+        if not self.owned:
+            raise ValueError("only an owned object's payload can be taken; copy a borrowed one")
+        self._release = None
+        return self.payload
 
     def header_bytes(self) -> bytes:
         return self.header.pack(self.view() if self.header.checksum is None else None)

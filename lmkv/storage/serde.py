@@ -1,14 +1,14 @@
 """Serde plug-ins: how a KV tensor becomes a stored object's payload and back.
 
-``raw`` stores the tensor's bytes as they are (zero-copy on encode; decode copies into ``out`` or wraps an
-owned buffer without a copy). ``cachegen`` stores ``lmkv.ops.codec.encode(kv)`` (lossy quantization +
-lossless arithmetic coding), imported lazily so the storage layer works before the codec exists. The header
+``raw`` stores the tensor's bytes as they are: zero-copy on encode; decode copies into ``out`` (any strides)
+or wraps an owned buffer without a copy; ``view`` lends the stored bytes as a tensor without any copy.
+``cachegen`` stores ``lmkv.ops.codec.encode(kv)`` (lossy quantization + lossless arithmetic coding), imported
+lazily so the storage layer works before the codec exists. The header
 always records the decoded tensor's dtype and shape, so a reader needs no configuration to decode.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
 from typing import Any, Protocol
 
@@ -33,8 +33,6 @@ def _check_out(out: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) ->
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
     if out.dtype != dtype or tuple(out.shape) != shape:
         raise ValueError(f"out has {out.dtype} {tuple(out.shape)}, stored object is {dtype} {shape}")
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
 
 
 def tensor_bytes(kv: torch.Tensor) -> memoryview:
@@ -72,37 +70,51 @@ class RawSerde:
     name = "raw"
     code = 1
 
-    def encode(self, key: str, kv: torch.Tensor, fingerprint: bytes) -> Encoded:
-        if kv.device.type != "cpu":
-            kv = kv.to("cpu")
-        kv = kv.contiguous()
+    def encode(self, key: str, kv: torch.Tensor, fingerprint: bytes, *, as_is: bool = False) -> Encoded:
+        """The object of ``kv``'s bytes. ``as_is``: the payload is ``kv`` itself, whatever its strides and device,
+        for a tier that copies tensors (the memory tier, with one ``copy_``); otherwise a contiguous CPU tensor."""
+        if not as_is:
+            if kv.device.type != "cpu":
+                kv = kv.to("cpu")
+            kv = kv.contiguous()
         shape = tuple(kv.shape)
         validate_fields(key, fingerprint, shape)
         header = ObjectHeader(key, bytes(fingerprint), dtype_code(kv.dtype), shape, self.code,
                               kv.numel() * kv.dtype.itemsize)
         return Encoded(header, kv, owned=False, keepalive=kv)
 
-    def decode(self, obj: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
+    def view(self, obj: Encoded) -> torch.Tensor:
+        """The stored tensor as a zero-copy view of ``obj``'s payload: valid until ``obj`` is released."""
         h = obj.header
         dtype = DTYPES_BY_CODE[h.dtype_code]
         shape = tuple(h.shape)
         n = math.prod(shape)
         if n * dtype.itemsize != h.payload_len or _nbytes(obj.payload) != h.payload_len:
             raise CorruptObject(f"raw payload of {h.payload_len} bytes does not hold {dtype} {shape}")
+        if not n:
+            return torch.empty(shape, dtype=dtype)
+        return _bytes_tensor(obj.payload)[0].view(dtype).view(shape)
+
+    def decode(self, obj: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored tensor: copied into ``out`` (right dtype and shape, any strides and device), else a tensor
+        that owns its memory (the payload itself when ``obj`` owns it, a copy otherwise)."""
+        h = obj.header
+        src = self.view(obj)
         if out is not None:
-            _check_out(out, dtype, shape)
-            if out.device.type == "cpu":
-                # one memmove: torch's per-op overhead (several us here) matters next to a 2 MiB copy
-                addr, keep = obj.address()
-                ctypes.memmove(out.data_ptr(), addr, h.payload_len)
-                del keep
-            else:
-                out.copy_(_bytes_tensor(obj.payload)[0].view(dtype).reshape(shape))
+            _check_out(out, src.dtype, tuple(h.shape))
+            if src.numel():
+                out.copy_(src)  # torch's intra-op threads: every core the process may use
             return out
-        src, private = _bytes_tensor(obj.payload)
-        if not (obj.owned or private):
-            src = src.clone()
-        return src.view(dtype).reshape(shape) if n else torch.empty(shape, dtype=dtype)
+        if obj.owned:
+            obj.take()  # the result wraps the payload: it must outlive the object's release
+            return src
+        if not src.numel() or not isinstance(obj.payload, torch.Tensor) and _readonly(obj.payload):
+            return src  # a private copy made by _bytes_tensor
+        return src.clone()
+
+
+def _readonly(buf: Any) -> bool:
+    return memoryview(buf).readonly
 
 
 class CacheGenSerde:

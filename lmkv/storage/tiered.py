@@ -69,7 +69,8 @@ class TieredStore:
         tiers: list[Tier] = []
         serdes: list[str] = []
         if cfg.memory.enabled:
-            tiers.append(MemoryTier(cfg.memory.capacity, policy=cfg.memory.policy, pinned=cfg.memory.pinned))
+            tiers.append(MemoryTier(cfg.memory.capacity, policy=cfg.memory.policy, pinned=cfg.memory.pinned,
+                                    prefault=cfg.memory.prefault))
             serdes.append(cfg.memory.serde)
         if cfg.disk.enabled:
             from lmkv.storage.disk import DiskTier
@@ -122,21 +123,21 @@ class TieredStore:
                 self._epoch[key] += 1
 
     def _store(self, which: Sequence[int] | range, key: str, kv: torch.Tensor, fingerprint: bytes) -> None:
+        """Write ``kv`` (any strides, any device) to the tiers ``which``, copying it once: into the memory tier's
+        pool when it is among them (the others get a lease of that copy), else into a private CPU snapshot."""
         self._bump(key)
-        if kv.device.type != "cpu":
-            kv = kv.to("cpu")
-        kv = kv.contiguous()
         which = list(which)
         snapshot: torch.Tensor | None = None
         in_memory = False
         if self._memory is not None and which and which[0] == 0:
-            in_memory = self._memory.put(key, RawSerde().encode(key, kv, fingerprint))
+            in_memory = self._memory.put(key, RawSerde().encode(key, kv, fingerprint, as_is=True))
             which = which[1:]
         for i in which:
             tier, serde = self.tiers[i], self.serdes[i]
             lease = self._memory.peek(key) if in_memory and self._memory is not None else None
             if lease is None and snapshot is None:
-                snapshot = kv.clone()  # the caller may overwrite kv once put returns
+                # the caller may overwrite kv once put returns: one contiguous CPU copy of it
+                snapshot = kv.to("cpu", memory_format=torch.contiguous_format, copy=True)
             if isinstance(serde, RawSerde):
                 obj = lease if lease is not None else RawSerde().encode(key, snapshot, fingerprint)
                 tier.put(key, obj)
@@ -184,10 +185,15 @@ class TieredStore:
             log.warning("storage: background job failed: %s", fut.exception())
 
     # -- reads ---------------------------------------------------------------------------------------
-    def _decode(self, idx: int, key: str, obj: Encoded, fingerprint: bytes | None,
-                out: torch.Tensor | None) -> torch.Tensor | None:
-        """Decode one hit; None (with a warning) for a fingerprint mismatch or a corrupt object."""
-        with obj:
+    def _decode(self, idx: int, key: str, obj: Encoded, fingerprint: bytes | None, out: torch.Tensor | None,
+                borrow: bool = False) -> tuple[torch.Tensor, Encoded | None] | None:
+        """Decode one hit: ``(kv, held)``, or None (with a warning) for a fingerprint mismatch or a corrupt object.
+
+        ``borrow``: a raw object is lent as a zero-copy view and ``held`` is the object it views, which the
+        caller releases when done with ``kv``; otherwise ``held`` is None and ``obj`` is released here.
+        """
+        held = None
+        try:
             h = obj.header
             if h.key != key:  # tiers check this too; a second check costs nothing
                 log.warning("storage: tier %s returned key %r for %r; treating it as a miss",
@@ -200,7 +206,11 @@ class TieredStore:
                     self._counts["fingerprint_mismatch"] += 1
                 return None
             try:
-                return serde_for_code(h.serde, self._codec_config).decode(obj, out)
+                serde = serde_for_code(h.serde, self._codec_config)
+                if borrow and out is None and isinstance(serde, RawSerde):
+                    kv, held = serde.view(obj), obj
+                    return kv, held
+                return serde.decode(obj, out), None
             except CorruptObject as exc:
                 log.warning("storage: object %r in tier %s does not decode (%s); miss", key,
                             self.tiers[idx].name, exc)
@@ -208,6 +218,9 @@ class TieredStore:
                     self._counts["corrupt"] += 1
                 self.tiers[idx].remove(key)
                 return None
+        finally:
+            if held is None:
+                obj.release()
 
     def _hit(self, idx: int, key: str, kv: torch.Tensor, fingerprint: bytes) -> None:
         with self._lock:
@@ -238,7 +251,7 @@ class TieredStore:
         if hit is None:
             self._miss(key)
             return None, None
-        idx, kv, stored_fp = hit
+        idx, kv, stored_fp, _ = hit
         self._hit(idx, key, kv, stored_fp)
         return kv, self.tiers[idx].name
 
@@ -255,16 +268,19 @@ class TieredStore:
 
     def get_many(self, keys: Sequence[str], fingerprints: Sequence[bytes | None] | None = None, *,
                  prefix: bool = False, out: Callable[[int], torch.Tensor | None] | None = None,
-                 on_hit: Callable[[int, torch.Tensor, str], None] | None = None
+                 on_hit: Callable[[int, torch.Tensor, str], None] | None = None, borrow: bool = False
                  ) -> list[tuple[torch.Tensor | None, str | None]]:
         """``(kv, tier name)`` per key (``(None, None)`` for a miss), asking each tier once for the keys still missing.
 
         Args:
             keys, fingerprints: what to read; a fingerprint mismatch is a miss (the key is taken by other tokens).
             prefix: stop at the first miss (a prefix read): later keys are misses, their objects are not decoded.
-            out: ``out(i)`` is a contiguous buffer to decode key ``i`` into (or None: a fresh tensor). A reused
-                buffer is overwritten by the next decode into it: consume each hit in ``on_hit``.
+            out: ``out(i)`` is a buffer (right dtype and shape, any strides) to decode key ``i`` into, or None. A
+                reused buffer is overwritten by the next decode into it: consume each hit in ``on_hit``.
             on_hit: called as ``on_hit(i, kv, tier)`` in key order, right after key ``i`` decodes.
+            borrow: hand ``on_hit`` a zero-copy view of the stored bytes (a memory-tier slot, a pooled read
+                buffer) that is valid only during the call; the result then holds ``(None, tier)`` per hit. The
+                way to move stored KV into a consumer's memory (a model's cache, a paged cache) in one copy.
         """
         keys = list(keys)
         fps = list(fingerprints) if fingerprints is not None else [None] * len(keys)
@@ -283,16 +299,26 @@ class TieredStore:
                     obj = next(streams[owner[i]], None)
                     first = (owner[i], obj) if obj is not None else self._first_below(owner[i], key)
                 buf = out(i) if out is not None else None
-                hit = self._decode_fetched(key, first, fps[i], buf)
+                hit = self._decode_fetched(key, first, fps[i], buf, borrow)
                 if hit is None:
                     self._miss(key)
                     if prefix:
                         break
                     continue
-                idx, kv, stored_fp = hit
-                result[i] = (kv, self.tiers[idx].name)
-                if on_hit is not None:
-                    on_hit(i, kv, self.tiers[idx].name)
+                idx, kv, stored_fp, held = hit
+                tier = self.tiers[idx].name
+                try:
+                    result[i] = (None if held is not None else kv, tier)
+                    if on_hit is not None:
+                        on_hit(i, kv, tier)
+                    if held is not None:
+                        # a borrowed view dies with its object: promote now (the copy into the pool is the one
+                        # promotion needs anyway); a later key it evicts is read from below instead
+                        self._hit(idx, key, kv, stored_fp)
+                        continue
+                finally:
+                    if held is not None:
+                        held.release()
                 # Promotion waits for the end of the batch (a promotion could evict a key that is still to be
                 # read); a hit decoded into a reused buffer is copied for it, as the next decode overwrites it.
                 hits.append((idx, key, kv.clone() if idx and buf is not None else kv, stored_fp))
@@ -327,18 +353,19 @@ class TieredStore:
         return owner
 
     def _decode_fetched(self, key: str, first: tuple[int, Encoded] | None, fingerprint: bytes | None,
-                        out: torch.Tensor | None) -> tuple[int, torch.Tensor, bytes] | None:
-        """Decode ``first = (tier index, object)``: ``(tier index, kv, stored fingerprint)``, or None for a miss. A
-        corrupt object falls back to the tiers below it one by one; a fingerprint mismatch does not (the key is
-        taken by other tokens, and lower tiers hold the same object)."""
+                        out: torch.Tensor | None, borrow: bool = False
+                        ) -> tuple[int, torch.Tensor, bytes, Encoded | None] | None:
+        """Decode ``first = (tier index, object)``: ``(tier index, kv, stored fingerprint, held object)``, or None
+        for a miss (``held``: see :meth:`_decode`). A corrupt object falls back to the tiers below it one by one;
+        a fingerprint mismatch does not (the key is taken by other tokens, and lower tiers hold the same object)."""
         if first is None:
             return None
         idx, obj = first
         while True:
             stored_fp = obj.header.fingerprint
-            kv = self._decode(idx, key, obj, fingerprint, out)
-            if kv is not None:
-                return idx, kv, stored_fp
+            got = self._decode(idx, key, obj, fingerprint, out, borrow)
+            if got is not None:
+                return idx, got[0], stored_fp, got[1]
             if fingerprint is not None and stored_fp != fingerprint:
                 return None
             nxt = self._first_below(idx, key)

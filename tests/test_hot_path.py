@@ -1,0 +1,241 @@
+"""The request path copies once and allocates nothing once warm: prefaulted pool, strided stores, retrieves
+into the caller's memory (a strided view, a paged cache), borrowed views, pooled read buffers."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import lmkv.storage.memory as memory_mod
+from lmkv.engine import KVEngine
+from lmkv.reference import paged as ref_paged
+from lmkv.storage import TieredStore
+from lmkv.storage.buffers import PAGE, BufferPool
+from lmkv.storage.disk import DiskTier
+from lmkv.storage.memory import MemoryTier
+from lmkv.storage.serde import RawSerde
+from lmkv.types import KVGeometry
+
+GEOM = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float16)
+CHUNK = 16
+
+
+def _kv(tokens: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(GEOM.chunk_shape(tokens), generator=g).to(GEOM.dtype)
+
+
+def _engine(tmp_path: Path, **over) -> KVEngine:
+    cfg = {"chunk_size": CHUNK, "memory": {"capacity": 8 << 20}, "disk": {"path": str(tmp_path / "d")}, **over}
+    return KVEngine(cfg, GEOM, model_id="hot")
+
+
+# -- buffer pool -----------------------------------------------------------------------------------------------
+
+
+def test_buffer_pool_reuses_page_aligned_blocks() -> None:
+    pool = BufferPool(64 << 20)
+    sizes = [1, 5000, 3 << 20, (3 << 20) + 17, 0]
+    for n in sizes:
+        buf = pool.take(n)
+        assert buf.data.numel() == n and len(buf.view) == n
+        assert n == 0 or buf.address % PAGE == 0
+        buf.view[:n] = b"\x07" * n
+        assert int(buf.data.sum()) == 7 * n
+        buf.release()
+        buf.release()  # idempotent
+    made = pool.allocations
+    for _ in range(3):
+        bufs = [pool.take(n) for n in sizes]
+        for b in bufs:
+            b.release()
+    assert pool.allocations == made + 1  # warm: only the second of the two same-class buffers was new
+    with pytest.raises(ValueError, match="n must"):
+        pool.take(-1)
+
+
+def test_buffer_pool_bounds_what_it_keeps() -> None:
+    pool = BufferPool(4 << 20)
+    bufs = [pool.take(3 << 20) for _ in range(3)]
+    for b in bufs:
+        b.release()
+    assert pool.cached_bytes() <= 4 << 20
+    big = pool.take(8 << 20)
+    big.release()  # larger than the bound: dropped, not cached
+    assert pool.cached_bytes() <= 4 << 20
+
+
+# -- memory tier: prefault and strided copies --------------------------------------------------------------------
+
+
+def test_prefault_brings_capacity_up_and_puts_never_wait_for_it(monkeypatch) -> None:
+    monkeypatch.setattr(memory_mod, "FAULT_STEP", 1 << 16)
+    tier = MemoryTier(1 << 20, prefault=True)
+    # a put right away succeeds: the caller touches the next span itself rather than evicting or failing
+    kv = torch.arange(40000, dtype=torch.float32)
+    assert tier.put("a", RawSerde().encode("a", kv, b""))
+    assert tier.wait_prefaulted(timeout=30)
+    assert tier.capacity_bytes() == 1 << 20 and tier.stats()["capacity_target"] == 1 << 20
+    for i in range(5):  # 6 x 160 KB fit in 1 MiB: nothing is evicted
+        assert tier.put(f"k{i}", RawSerde().encode(f"k{i}", kv, b""))
+    assert tier.stats()["evictions"] == 0 and len(tier) == 6
+    assert tier.put("k5", RawSerde().encode("k5", kv, b""))  # the seventh does not fit: the oldest goes
+    assert tier.stats()["evictions"] == 1 and not tier.contains("a")
+    with tier.get("k5") as obj:
+        assert torch.equal(RawSerde().decode(obj), kv)
+    tier.assert_no_leaks()
+    tier.close()
+
+
+def test_prefault_is_not_racing_concurrent_puts(monkeypatch) -> None:
+    monkeypatch.setattr(memory_mod, "FAULT_STEP", 1 << 14)
+    tier = MemoryTier(2 << 20, prefault=True)
+    kv = torch.arange(6000, dtype=torch.float32)  # 24 KB
+
+    def writer(w: int) -> None:
+        for i in range(20):
+            tier.put(f"{w}-{i}", RawSerde().encode(f"{w}-{i}", kv + w, b""))
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert tier.wait_prefaulted(timeout=30)
+    # 40 x 24 KB fit in 2 MiB: a put that raced the prefaulter grew the pool instead of evicting
+    assert tier.stats()["evictions"] == 0 and tier.stats()["rejected"] == 0 and len(tier) == 40
+    for w in range(2):
+        with tier.get(f"{w}-19") as obj:
+            assert torch.equal(RawSerde().decode(obj), kv + w)
+    tier.assert_no_leaks()
+    tier.close()
+
+
+@given(start=st.integers(0, 40), length=st.integers(1, 30), seed=st.integers(0, 3))
+@example(start=0, length=1, seed=0)
+@example(start=17, length=30, seed=1)
+def test_a_strided_slice_is_stored_exactly(start: int, length: int, seed: int) -> None:
+    kv = _kv(80, seed)
+    part = kv[:, :, start:start + length]  # [L, 2, T, H, D] sliced in T: not contiguous
+    tier = MemoryTier(1 << 20)
+    assert tier.put("s", RawSerde().encode("s", part, b"", as_is=True))
+    with tier.get("s") as obj:
+        assert torch.equal(RawSerde().decode(obj), part)
+    tier.assert_no_leaks()
+
+
+# -- retrieve into the caller's memory ---------------------------------------------------------------------------
+
+
+@given(tokens=st.integers(1, 90), seed=st.integers(0, 2))
+@example(tokens=CHUNK, seed=0)
+@example(tokens=CHUNK * 3 + 1, seed=1)
+def test_retrieve_into_a_strided_view_matches_a_plain_retrieve(tmp_path_factory, tokens: int, seed: int) -> None:
+    eng = _engine(tmp_path_factory.mktemp("e"))
+    toks = [seed * 1000 + i for i in range(tokens)]
+    kv = _kv(tokens, seed)
+    eng.store(toks, kv)
+    n_full = tokens if eng.config.save_partial_chunks else tokens // CHUNK * CHUNK
+    # a consumer's cache: [L, 2, H, Tcap, D] viewed as [L, 2, Tcap, H, D], with sentinel values around
+    cap = tokens + 5
+    cache = torch.full((GEOM.num_layers, 2, GEOM.num_kv_heads, cap, GEOM.head_dim), 7.0, dtype=GEOM.dtype)
+    view = cache.permute(0, 1, 3, 2, 4)
+    got, n = eng.retrieve(toks, out=view)
+    assert n == n_full and got.data_ptr() == view.data_ptr()
+    assert torch.equal(view[:, :, :n], kv[:, :, :n])
+    assert bool((view[:, :, n:] == 7.0).all())  # nothing written past the served prefix
+    plain, n2 = eng.retrieve(toks)
+    assert n2 == n and torch.equal(plain, kv[:, :, :n])
+    eng.close()
+
+
+def test_retrieve_out_is_checked_before_anything_is_written(tmp_path: Path) -> None:
+    eng = _engine(tmp_path)
+    toks = list(range(2 * CHUNK))
+    eng.store(toks, _kv(2 * CHUNK))
+    for bad in (torch.zeros(GEOM.chunk_shape(CHUNK), dtype=GEOM.dtype),  # too short
+                torch.zeros(GEOM.chunk_shape(2 * CHUNK), dtype=torch.float32),  # wrong dtype
+                torch.zeros((3, 2, 2 * CHUNK, 2, 8), dtype=GEOM.dtype)):  # wrong layer count
+        before = bad.clone()
+        with pytest.raises(ValueError, match="out must"):
+            eng.retrieve(toks, out=bad)
+        assert torch.equal(bad, before)
+    with pytest.raises(TypeError, match="out must"):
+        eng.retrieve(toks, out="buffer")
+    eng.close()
+
+
+def test_retrieve_from_disk_promotes_and_a_decoded_tensor_survives_buffer_reuse(tmp_path: Path) -> None:
+    store = TieredStore([MemoryTier(1 << 20), DiskTier(tmp_path, 8 << 20)])
+    a, b = _kv(CHUNK, 1), _kv(CHUNK, 2)
+    store.put("a", a, fingerprint=b"")
+    store.put("b", b, fingerprint=b"")
+    store.flush()
+    store.tiers[0].clear()
+    got_a = store.get("a")  # decoded without out: wraps the pooled read buffer, which it takes
+    store.tiers[0].clear()
+    got_b = store.get("b")  # the next read would reuse a returned buffer
+    assert torch.equal(got_a, a) and torch.equal(got_b, b)
+    # borrowed reads promote before the view dies
+    store.tiers[0].clear()
+    seen = []
+    res = store.get_many(["a", "b"], borrow=True, on_hit=lambda i, kv, tier: seen.append((i, kv.clone(), tier)))
+    assert [(i, t) for i, _, t in seen] == [(0, "disk"), (1, "disk")]
+    assert torch.equal(seen[0][1], a) and torch.equal(seen[1][1], b)
+    assert res == [(None, "disk"), (None, "disk")]
+    assert store.tiers[0].contains("a") and store.tiers[0].contains("b")
+    store.assert_no_leaks()
+    store.close()
+
+
+def test_disk_reads_stop_allocating_once_warm(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 64 << 20)
+    kv = torch.arange(1 << 18, dtype=torch.float32)  # 1 MiB
+    for i in range(3):
+        tier.put(f"k{i}", RawSerde().encode(f"k{i}", kv + i, b""))
+    tier.flush()
+    for _ in range(2):
+        for i in range(3):
+            out = torch.empty_like(kv)
+            with tier.get(f"k{i}") as obj:
+                RawSerde().decode(obj, out)
+            assert torch.equal(out, kv + i)
+    made = tier._buffers.allocations
+    for i in range(3):
+        with tier.get(f"k{i}") as obj:
+            RawSerde().decode(obj, torch.empty_like(kv))
+    assert tier._buffers.allocations == made == 1
+    tier.close()
+
+
+# -- paged: straight from storage into the engine's blocks -------------------------------------------------------
+
+
+@given(tokens=st.integers(CHUNK, 70), start=st.integers(0, 69), seed=st.integers(0, 2))
+@example(tokens=CHUNK, start=0, seed=0)
+@example(tokens=3 * CHUNK + 5, start=CHUNK + 3, seed=1)
+def test_retrieve_paged_scatters_the_stored_prefix_only(tmp_path_factory, tokens: int, start: int, seed: int) -> None:
+    start = min(start, tokens - 1)
+    eng = _engine(tmp_path_factory.mktemp("p"))
+    toks = [7 + seed * 100 + i for i in range(tokens)]
+    kv = _kv(tokens, seed)
+    eng.store(toks, kv)
+    bs, nb = 5, 20  # a block size that no chunk boundary lines up with
+    caches = [torch.full((2, nb, bs, GEOM.num_kv_heads, GEOM.head_dim), -3.0, dtype=GEOM.dtype)
+              for _ in range(GEOM.num_layers)]
+    perm = torch.randperm(nb * bs, generator=torch.Generator().manual_seed(seed))[:tokens]
+    slots = perm.to(torch.int64)
+    n = eng.retrieve_paged(toks, caches, slots, layout="flash_attn", start=start)
+    served = tokens if eng.config.save_partial_chunks else tokens // CHUNK * CHUNK
+    assert n == max(served, start)
+    expect = [torch.full_like(c, -3.0) for c in caches]
+    if served > start:
+        ref_paged.scatter(kv[:, :, start:served].contiguous(), expect, slots[start:served], layout="flash_attn")
+    for c, e in zip(caches, expect, strict=True):
+        assert torch.equal(c, e)
+    eng.close()
