@@ -208,3 +208,44 @@ def test_smollm2_warm_identical(tmp_path: Path) -> None:
     assert torch.equal(cold.sequences, want) and torch.equal(warm.sequences, want)
     assert warm.stats.hit_tokens == (prompt.shape[1] - 1) // 64 * 64 > 0
     engine.close()
+
+
+def test_warm_requests_reuse_one_cache_buffer_and_stay_exact(model, tmp_path: Path) -> None:
+    """The stored KV goes straight into the model's cache tensors, in a buffer reused across requests: a later
+    request overwriting that buffer must not change an earlier answer, and warm equals plain every time."""
+    from lmkv.adapters.hf.generate import CACHE_BUFFERS
+
+    engine = KVEngine.for_model(model, _cfg(tmp_path))
+    prompts = [_ids(n, seed=s) for n, s in ((41, 5), (70, 6), (37, 7))]
+    wants = [_plain(model, p) for p in prompts]
+    for p in prompts:
+        lmkv.hf.generate(model, p, engine=engine, max_new_tokens=NEW)  # cold: stores
+    answers = []
+    for _round in range(2):
+        for p, want in zip(prompts, wants, strict=True):
+            out = lmkv.hf.generate(model, p, engine=engine, max_new_tokens=NEW)
+            assert out.stats.hit_tokens == (p.shape[1] - 1) // 16 * 16  # the partial last chunk ends past T - 1
+            assert torch.equal(out.sequences, want)
+            answers.append(out.sequences)
+        if _round == 0:
+            made = CACHE_BUFFERS.allocations
+    assert CACHE_BUFFERS.allocations == made  # the second round allocated no cache buffer
+    for got, want in zip(answers, wants * 2, strict=True):
+        assert torch.equal(got, want)
+    engine.close()
+
+
+def test_adopt_cache_holds_the_buffer_without_a_copy() -> None:
+    from lmkv.adapters.hf.cache import adopt_cache, cache_buffer
+
+    buffer, view = cache_buffer(3, 2, 9, 4, torch.float32)
+    kv = torch.randn(3, 2, 9, 2, 4)
+    view.copy_(kv)
+    cache = adopt_cache(buffer)
+    assert cache.get_seq_length() == 9
+    for i, layer in enumerate(cache.layers):
+        assert layer.keys.data_ptr() == buffer[i, 0].data_ptr()
+        assert torch.equal(layer.keys[0].transpose(0, 1), kv[i, 0]) and torch.equal(layer.values[0].transpose(0, 1),
+                                                                                    kv[i, 1])
+    with pytest.raises(ValueError, match="buffer must be"):
+        adopt_cache(torch.zeros(3, 2, 9, 4))
