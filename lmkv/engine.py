@@ -145,22 +145,26 @@ class KVEngine:
         if not 0 <= offset <= len(plan) or offset + num > len(plan):
             raise ValueError(f"offset={offset} with kv of {num} tokens does not fit tokens of length {len(plan)}")
         t0 = time.perf_counter()
-        wanted = [i for i, (s, e) in enumerate(plan.spans) if s >= offset and e <= offset + num]
-        present = self.storage.contains_many([plan.keys[i] for i in wanted])
-        missing = [i for i, have in zip(wanted, present, strict=True) if not have]
-        stored = 0
+        missing, skipped = self._missing(plan, offset, offset + num)
         if missing:
             # A prefix chunk's KV depends on every token before it: its fingerprint covers tokens[0:end].
-            items = []
-            for i in missing:
-                start, end = plan.spans[i]
-                items.append((plan.keys[i], kv[:, :, start - offset:end - offset], plan.fingerprints[i]))
-                stored += end - start
-            self.storage.put_many(items)
+            self.storage.put_many([(plan.keys[i], kv[:, :, plan.spans[i][0] - offset:plan.spans[i][1] - offset],
+                                    plan.fingerprints[i]) for i in missing])
+        return self._count_store(plan, missing, skipped, t0)
+
+    def _missing(self, plan: ChunkPlan, lo: int, hi: int) -> tuple[list[int], int]:
+        """``(indices of the chunks inside [lo, hi) that storage lacks, how many it holds)``: one batched query."""
+        wanted = [i for i, (s, e) in enumerate(plan.spans) if s >= lo and e <= hi]
+        present = self.storage.contains_many([plan.keys[i] for i in wanted])
+        missing = [i for i, have in zip(wanted, present, strict=True) if not have]
+        return missing, len(wanted) - len(missing)
+
+    def _count_store(self, plan: ChunkPlan, missing: list[int], skipped: int, t0: float) -> int:
+        stored = sum(plan.spans[i][1] - plan.spans[i][0] for i in missing)
         with self._lock:
             self.counters.stored_tokens += stored
             self.counters.stored_chunks += len(missing)
-            self.counters.skipped_chunks += len(wanted) - len(missing)
+            self.counters.skipped_chunks += skipped
             self.counters.store_s += time.perf_counter() - t0
         return stored
 
@@ -299,13 +303,32 @@ class KVEngine:
             raise ValueError(f"slot_mapping has {total} slots for {len(toks)} tokens")
         if plan is None or total != len(plan):
             plan = self.plan(toks[:total])
+        cache = kv_caches if isinstance(kv_caches, paged.PagedCache) else paged.PagedCache(kv_caches, layout)
+        self._check_paged(cache, slot_mapping)
         first = (start // self.chunk_size) * self.chunk_size
-        spans = [sp for sp in plan.spans if sp[0] >= first]
-        if not spans:
-            return 0
-        lo = spans[0][0]
-        kv = paged.gather(kv_caches, slot_mapping[lo:total], layout=layout)
-        return self.store(plan, kv, offset=lo)
+        if cache.device.type != "cpu":  # one gather on the device, then one copy to host memory per chunk
+            spans = [sp for sp in plan.spans if sp[0] >= first]
+            if not spans:
+                return 0
+            return self.store(plan, paged.gather(cache, slot_mapping[spans[0][0]:total]), offset=spans[0][0])
+        t0 = time.perf_counter()
+        missing, skipped = self._missing(plan, first, total)
+        for i in missing:
+            lo, hi = plan.spans[i]
+            # gathered straight into the memory tier's slot: one copy from the engine's blocks to storage
+            self.storage.put_filled(plan.keys[i], self.geometry.chunk_shape(hi - lo), self.geometry.dtype,
+                                    plan.fingerprints[i],
+                                    lambda dst, lo=lo, hi=hi: paged.gather(cache, slot_mapping[lo:hi], out=dst))
+        return self._count_store(plan, missing, skipped, t0)
+
+    def _check_paged(self, cache: Any, slot_mapping: torch.Tensor) -> None:
+        """Raise before anything is written unless ``cache`` holds this engine's geometry and ``slot_mapping`` is
+        valid for it."""
+        cache.check_slots(slot_mapping)
+        g = cache.geometry
+        if cache.chunk_shape(1) != self.geometry.chunk_shape(1) or g.dtype != self.geometry.dtype:
+            raise GeometryMismatch(f"kv_caches hold {cache.chunk_shape(1)} {g.dtype} per token, the engine's "
+                                   f"geometry is {self.geometry.tag()}")
 
     def retrieve_paged(self, tokens: Any, kv_caches: Any, slot_mapping: torch.Tensor, *, layout: Any = None,
                        start: int = 0, end: int | None = None) -> int:

@@ -239,3 +239,71 @@ def test_retrieve_paged_scatters_the_stored_prefix_only(tmp_path_factory, tokens
     for c, e in zip(caches, expect, strict=True):
         assert torch.equal(c, e)
     eng.close()
+
+
+@given(tokens=st.integers(1, 70), start=st.integers(0, 69), seed=st.integers(0, 2))
+@example(tokens=CHUNK, start=0, seed=0)
+@example(tokens=3 * CHUNK + 5, start=CHUNK + 3, seed=1)
+def test_store_paged_gathers_into_storage_exactly(tmp_path_factory, tokens: int, start: int, seed: int) -> None:
+    start = min(start, tokens - 1)
+    eng = _engine(tmp_path_factory.mktemp("sp"))
+    toks = [11 + seed * 100 + i for i in range(tokens)]
+    bs, nb = 5, 20
+    g = torch.Generator().manual_seed(seed)
+    caches = [torch.randn(2, nb, bs, GEOM.num_kv_heads, GEOM.head_dim, generator=g).to(GEOM.dtype)
+              for _ in range(GEOM.num_layers)]
+    slots = torch.randperm(nb * bs, generator=g)[:tokens].to(torch.int64)
+    stored = eng.store_paged(toks, caches, slots, layout="flash_attn", start=start)
+    first = start // CHUNK * CHUNK
+    ends = [e for e in range(CHUNK, tokens + 1, CHUNK)] + ([tokens] if eng.config.save_partial_chunks
+                                                              and tokens % CHUNK else [])
+    assert stored == sum(min(e, tokens) - (e - 1) // CHUNK * CHUNK for e in ends if e > first)
+    expect = ref_paged.gather(caches, slots, layout="flash_attn")  # the executable spec
+    eng.flush()
+    for e in ends:
+        if e <= first:
+            continue
+        lo = (e - 1) // CHUNK * CHUNK
+        got = eng.storage.get(eng.plan(toks).keys[lo // CHUNK])
+        assert torch.equal(got, expect[:, :, lo:e])
+    eng.storage.assert_no_leaks()
+    eng.close()
+
+
+def test_store_paged_checks_everything_before_writing(tmp_path: Path) -> None:
+    eng = _engine(tmp_path)
+    toks = list(range(40))
+    caches = [torch.zeros(2, 10, 5, 2, 8, dtype=GEOM.dtype) for _ in range(GEOM.num_layers)]
+    bad_slots = torch.arange(40, dtype=torch.int64)
+    bad_slots[-1] = 10_000  # past the cache: only the last chunk's gather would see it
+    with pytest.raises(ValueError, match="slot_mapping"):
+        eng.store_paged(toks, caches, bad_slots, layout="flash_attn")
+    other = [torch.zeros(2, 10, 5, 3, 8, dtype=GEOM.dtype) for _ in range(GEOM.num_layers)]  # 3 heads, not 2
+    from lmkv.errors import GeometryMismatch
+
+    with pytest.raises(GeometryMismatch, match="kv_caches"):
+        eng.store_paged(toks, other, torch.arange(40, dtype=torch.int64), layout="flash_attn")
+    assert eng.lookup(toks) == 0 and len(eng.storage.tiers[0]) == 0
+    eng.close()
+
+
+def test_put_filled_frees_the_slot_when_fill_fails_and_falls_back_when_full(tmp_path: Path) -> None:
+    store = TieredStore([MemoryTier(4096), DiskTier(tmp_path, 1 << 20)])
+
+    def boom(dst: torch.Tensor) -> None:
+        dst.fill_(1)
+        raise RuntimeError("gather failed")
+
+    with pytest.raises(RuntimeError, match="gather failed"):
+        store.put_filled("x", (8, 8), torch.float32, b"f", boom)
+    assert not store.contains("x")
+    store.assert_no_leaks()
+    store.put_filled("small", (8, 8), torch.float32, b"f", lambda d: d.fill_(2.0))  # 256 B: in the pool
+    store.put_filled("big", (64, 64), torch.float32, b"f", lambda d: d.fill_(3.0))  # 16 KB: only on disk
+    store.flush()
+    assert store.tiers[0].contains("small") and not store.tiers[0].contains("big")
+    assert bool((store.get("big", fingerprint=b"f") == 3.0).all())
+    with store.tiers[1].get("small") as obj:  # the lower tier got the pool's copy
+        assert bool((RawSerde().decode(obj) == 2.0).all())
+    store.assert_no_leaks()
+    store.close()

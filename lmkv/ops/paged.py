@@ -61,6 +61,11 @@ class PagedCache:
         """Token slots: ``NB * BS``."""
         return self.geometry.num_blocks * self.geometry.block_size
 
+    def check_slots(self, slot_mapping: torch.Tensor, *, distinct: bool = False) -> None:
+        """Raise ValueError/TypeError naming ``slot_mapping`` unless it is int64 ``[T]`` of slots of this cache
+        (``distinct``: without duplicates, as a scatter needs): a caller about to make many calls checks once."""
+        _check_slots(slot_mapping, self.capacity, self.device, distinct=distinct)
+
     def chunk_shape(self, num_tokens: int) -> tuple[int, ...]:
         """``[L, 2, T, H, D]`` (MLA ``[L, 1, T, D]``) of a chunk of ``num_tokens`` tokens of this cache."""
         g = self.geometry

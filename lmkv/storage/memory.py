@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ import torch
 from lmkv.storage.base import OneByOne, TierStats, WarnOnce
 from lmkv.storage.objects import Encoded, ObjectHeader
 from lmkv.storage.policy import make_policy
+from lmkv.types import DTYPES_BY_CODE
 
 ALIGN = 64
 PIN_WAIT = 5.0  # seconds a put waits for evicted-but-pinned bytes (a lower tier still writing them)
@@ -289,6 +291,42 @@ class MemoryTier(OneByOne):
             return True
         finally:
             obj.release()
+
+    def put_filled(self, header: ObjectHeader, fill: Callable[[torch.Tensor], object]) -> Encoded | None:
+        """Store an object that ``fill(dst)`` writes straight into its slot; a pinned lease of it, or None.
+
+        ``dst`` is a tensor of ``header``'s dtype and shape over the reserved slot (a gather from an engine's
+        paged cache writes there: one copy). None when it does not fit (``fill`` is not called). An exception in
+        ``fill`` frees the slot and propagates; nothing is published.
+        """
+        n = header.payload_len
+        alloc_len = _round(n)
+        off = self._reserve(header.key, alloc_len)
+        if off is None:
+            with self._lock:
+                self._stats.rejected += 1
+            self._warn("full", "memory tier: object %r (%d bytes) does not fit in %d bytes; not cached",
+                       header.key, n, self._arena.capacity)
+            return None
+        try:
+            if n:
+                fill(self._pool[off:off + n].view(DTYPES_BY_CODE[header.dtype_code]).view(header.shape))
+        except BaseException:
+            with self._lock:
+                self._arena.free(off, alloc_len)
+            raise
+        slot = _Slot(header, off, alloc_len, pins=1)
+        with self._lock:
+            old = self._index.pop(header.key, None)
+            if old is not None:
+                self._policy.remove(header.key)
+                self._retire(old)
+            self._index[header.key] = slot
+            self._policy.insert(header.key)
+            self._stats.puts += 1
+            self._stats.bytes_written += n
+        return Encoded(header, self._pool[off:off + n], owned=False, release=lambda: self._unpin(slot),
+                       addr=self._pool_ptr + off)
 
     def _copy_in(self, off: int, obj: Encoded) -> None:
         n = obj.header.payload_len

@@ -83,6 +83,12 @@ class RawSerde:
                               kv.numel() * kv.dtype.itemsize)
         return Encoded(header, kv, owned=False, keepalive=kv)
 
+    def header(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, fingerprint: bytes) -> ObjectHeader:
+        """The header of a raw object of ``dtype`` and ``shape`` (for a payload written in place)."""
+        validate_fields(key, fingerprint, shape)
+        return ObjectHeader(key, bytes(fingerprint), dtype_code(dtype), shape, self.code,
+                            math.prod(shape) * dtype.itemsize)
+
     def view(self, obj: Encoded) -> torch.Tensor:
         """The stored tensor as a zero-copy view of ``obj``'s payload: valid until ``obj`` is released."""
         h = obj.header

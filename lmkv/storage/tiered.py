@@ -127,11 +127,17 @@ class TieredStore:
         pool when it is among them (the others get a lease of that copy), else into a private CPU snapshot."""
         self._bump(key)
         which = list(which)
-        snapshot: torch.Tensor | None = None
         in_memory = False
         if self._memory is not None and which and which[0] == 0:
             in_memory = self._memory.put(key, RawSerde().encode(key, kv, fingerprint, as_is=True))
             which = which[1:]
+        self._store_below(which, key, kv, fingerprint, in_memory=in_memory)
+
+    def _store_below(self, which: list[int], key: str, kv: torch.Tensor, fingerprint: bytes, *, in_memory: bool,
+                     private: bool = False) -> None:
+        """Write to the tiers ``which`` (not the memory tier) from a lease of the memory tier's copy when there
+        is one (``in_memory``), else from a snapshot of ``kv`` (``private``: kv is ours already, no snapshot)."""
+        snapshot: torch.Tensor | None = kv if private else None
         for i in which:
             tier, serde = self.tiers[i], self.serdes[i]
             lease = self._memory.peek(key) if in_memory and self._memory is not None else None
@@ -143,6 +149,24 @@ class TieredStore:
                 tier.put(key, obj)
             else:
                 self._submit_encode(i, key, lease, snapshot, kv.dtype, tuple(kv.shape), fingerprint)
+
+    def put_filled(self, key: str, shape: Sequence[int], dtype: torch.dtype, fingerprint: bytes,
+                   fill: Callable[[torch.Tensor], object]) -> None:
+        """Store the tensor of ``dtype`` and ``shape`` that ``fill(dst)`` writes into ``dst``: the memory tier's own
+        slot when there is one (a gather from a paged cache lands in the pool: one copy), else a fresh tensor."""
+        header = RawSerde().header(key, tuple(int(s) for s in shape), dtype, bytes(fingerprint))
+        if self._closed:
+            raise ValueError("store is closed")
+        self._bump(key)
+        below = list(range(1, len(self.tiers))) if self._memory is not None else list(range(len(self.tiers)))
+        lease = self._memory.put_filled(header, fill) if self._memory is not None else None
+        if lease is None:
+            kv = torch.empty(header.shape, dtype=dtype)
+            fill(kv)
+            self._store_below(below, key, kv, header.fingerprint, in_memory=False, private=True)
+            return
+        with lease:  # pinned: the view stays valid even if the key is evicted meanwhile
+            self._store_below(below, key, RawSerde().view(lease), header.fingerprint, in_memory=True)
 
     def _submit_encode(self, i: int, key: str, lease: Encoded | None, snapshot: torch.Tensor | None,
                        dtype: torch.dtype, shape: tuple[int, ...], fingerprint: bytes) -> None:
