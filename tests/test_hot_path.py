@@ -307,3 +307,47 @@ def test_put_filled_frees_the_slot_when_fill_fails_and_falls_back_when_full(tmp_
         assert bool((RawSerde().decode(obj) == 2.0).all())
     store.assert_no_leaks()
     store.close()
+
+
+@pytest.fixture(scope="module")
+def small_pieces():
+    """Read-ahead pieces of 8 KiB from 16 KiB on (not 4 / 8 MiB), so that small objects take the threaded path."""
+    import lmkv.storage.disk as disk_mod
+
+    saved = disk_mod._PIECE, disk_mod._OVERLAP_MIN
+    disk_mod._PIECE, disk_mod._OVERLAP_MIN = 8192, 16384
+    yield
+    disk_mod._PIECE, disk_mod._OVERLAP_MIN = saved
+
+
+@given(nbytes=st.integers(0, 60_000), o_direct=st.booleans(), corrupt_at=st.one_of(st.none(), st.floats(0, 1)))
+@example(nbytes=16384 - 4, o_direct=False, corrupt_at=None)  # payload ends just below the overlap threshold
+@example(nbytes=16384 * 2, o_direct=True, corrupt_at=0.99)  # damage in the last piece the reader thread reads
+@example(nbytes=8192 * 3 + 1, o_direct=True, corrupt_at=None)
+def test_large_disk_reads_hash_while_reading_and_still_catch_damage(tmp_path_factory, small_pieces, nbytes: int,
+                                                                    o_direct: bool, corrupt_at: float | None) -> None:
+    tier = DiskTier(tmp_path_factory.mktemp("ov"), 1 << 20, o_direct=o_direct)
+    kv = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(nbytes))
+    tier.put("k", RawSerde().encode("k", kv, b"f"))
+    tier.flush()
+    if corrupt_at is not None and nbytes:
+        path = tier.file_for("k")
+        data = bytearray(path.read_bytes())
+        pos = len(data) - nbytes + min(nbytes - 1, int(corrupt_at * nbytes))
+        data[pos] ^= 0x40
+        path.write_bytes(bytes(data))
+        assert tier.get("k") is None and tier.stats()["corrupt"] == 1
+    else:
+        with tier.get("k") as obj:
+            assert torch.equal(RawSerde().decode(obj, torch.empty_like(kv)), kv)
+    tier.close()
+
+
+def test_a_truncated_large_file_is_a_miss(tmp_path: Path, small_pieces) -> None:
+    tier = DiskTier(tmp_path, 1 << 20)
+    tier.put("k", RawSerde().encode("k", torch.zeros(50_000, dtype=torch.uint8), b""))
+    tier.flush()
+    path = tier.file_for("k")
+    path.write_bytes(path.read_bytes()[:30_000])
+    assert tier.get("k") is None
+    tier.close()

@@ -26,13 +26,15 @@ import os
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmkv.errors import CorruptObject
 from lmkv.storage.base import OneByOne, TierStats, WarnOnce, log
 from lmkv.storage.buffers import BufferPool
-from lmkv.storage.objects import MAX_HEADER, Encoded, parse_header, verify_payload
+from lmkv.storage.objects import MAX_HEADER, Encoded, ObjectHeader, RunningChecksum, parse_header, verify_payload
 from lmkv.storage.policy import make_policy
 
 _BLOCK = 4096
@@ -57,6 +59,49 @@ class _Job:
 
 
 _STALE_TMP_S = 600.0
+_PIECE = 4 << 20  # read-ahead unit of a large read: the reader thread reads a piece while the caller hashes one
+_OVERLAP_MIN = 8 << 20  # below this, one read then one hash beats a thread handoff
+
+
+def _pread_into(fd: int, view: memoryview, pos: int, end: int, stop: int) -> int:
+    """Read ``[pos, end)`` of the file into the same range of ``view``, until ``stop`` (the file's size: with
+    O_DIRECT ``end`` is block-aligned past it, and a read at the unaligned EOF would fail) or EOF; the end reached."""
+    while pos < min(end, stop):
+        n = os.preadv(fd, [view[pos:end]], pos)
+        if n == 0:
+            break
+        pos += n
+    return pos
+
+
+class _Progress:
+    """How far the reader thread has read, and whether it is done."""
+
+    def __init__(self, start: int) -> None:
+        self.upto, self.done = start, False
+        self._cond = threading.Condition()
+
+    def advance(self, upto: int, done: bool = False) -> None:
+        with self._cond:
+            self.upto, self.done = upto, done or self.done
+            self._cond.notify()
+
+    def wait_past(self, pos: int) -> tuple[int, bool]:
+        with self._cond:
+            self._cond.wait_for(lambda: self.upto > pos or self.done)
+            return self.upto, self.done
+
+
+def _read_pieces(fd: int, view: memoryview, pos: int, actual: int, progress: _Progress) -> None:
+    try:
+        while pos < actual:
+            nxt = _pread_into(fd, view, pos, min(pos + _PIECE, len(view)), actual)
+            if nxt == pos:
+                break  # EOF: the file shrank (the caller reports the short read)
+            pos = nxt
+            progress.advance(pos)
+    finally:
+        progress.advance(pos, done=True)
 
 
 class DiskTier(OneByOne):
@@ -77,6 +122,7 @@ class DiskTier(OneByOne):
         self._capacity = capacity
         self._o_direct = bool(o_direct) and hasattr(os, "O_DIRECT")
         self._buffers = BufferPool(read_buffer_bytes)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="lmkv-disk-read")  # read-ahead of large reads
         self._policy = make_policy(policy)
         self._index: dict[str, int] = {}  # key -> file size
         self._pending: dict[str, _Job] = {}
@@ -366,18 +412,7 @@ class DiskTier(OneByOne):
             padded = (actual + _BLOCK - 1) // _BLOCK * _BLOCK if self._o_direct else actual
             buf = self._buffers.take(padded)
             try:
-                got = 0
-                while got < actual:  # not past EOF: O_DIRECT refuses an unaligned offset there
-                    n = os.preadv(fd, [buf.view[got:]], got)
-                    if n == 0:
-                        break
-                    got += n
-                if got != actual:
-                    raise CorruptObject(f"short read: {got} of {actual} bytes")
-                header = parse_header(buf.view[:actual])
-                if header.key != key:
-                    raise CorruptObject(f"file holds key {header.key!r}, expected {key!r}")
-                verify_payload(header, buf.view[header.header_len:actual])
+                header = self._read_verified(fd, buf.view, actual, key)
             except BaseException:
                 buf.release()
                 raise
@@ -385,6 +420,45 @@ class DiskTier(OneByOne):
             os.close(fd)
         # release recycles the buffer, unless a consumer took the payload to keep it (Encoded.take)
         return Encoded(header, buf.data[header.header_len:actual], owned=True, release=buf.release)
+
+    def _read_verified(self, fd: int, view: memoryview, actual: int, key: str) -> ObjectHeader:
+        """Read the file into ``view`` and check its header and payload checksum; the header.
+
+        A large object is read by the tier's reader thread piece by piece while this thread hashes the pieces
+        that have landed: the page-cache copy (GIL released) and xxh3 (GIL held) run on two cores at once.
+        """
+        first = min(len(view), _PIECE)  # len(view) >= actual: block-aligned for O_DIRECT
+        got = _pread_into(fd, view, 0, first, actual)
+        if got < min(first, actual):
+            raise CorruptObject(f"short read: {got} of {actual} bytes")
+        header = parse_header(view[:got], available=actual)
+        if header.key != key:
+            raise CorruptObject(f"file holds key {header.key!r}, expected {key!r}")
+        if actual < _OVERLAP_MIN or header.checksum is None:
+            if _pread_into(fd, view, got, len(view), actual) != actual:
+                raise CorruptObject(f"short read of {actual} bytes")
+            verify_payload(header, view[header.header_len:actual])
+            return header
+        progress = _Progress(got)
+        fut = self._reader.submit(_read_pieces, fd, view, got, actual, progress)
+        try:
+            csum = RunningChecksum(header.checksum_algo)
+            hashed = header.header_len
+            while True:
+                upto, done = progress.wait_past(hashed)
+                if upto > hashed:
+                    csum.update(view[hashed:upto])
+                    hashed = upto
+                elif done:
+                    break
+        finally:
+            futures_wait([fut])  # the reader must be done with fd and view before either goes away
+        fut.result()
+        if hashed != actual:
+            raise CorruptObject(f"short read: {hashed} of {actual} bytes")
+        if csum.value() != header.checksum:
+            raise CorruptObject(f"payload checksum mismatch for key {key!r}")
+        return header
 
     # -- removal and lifecycle -----------------------------------------------------------------------
     def remove(self, key: str) -> bool:
@@ -405,3 +479,4 @@ class DiskTier(OneByOne):
             self._work.notify_all()
         for w in self._workers:
             w.join(timeout=10)
+        self._reader.shutdown(wait=True)

@@ -177,6 +177,29 @@ def parse_header(data: Buffer, *, available: int | None = None) -> ObjectHeader:
     return ObjectHeader(key, fp, dcode, tuple(shape), serde, plen, csum, algo)
 
 
+class RunningChecksum:
+    """The payload checksum computed piece by piece (equal to :func:`checksum` of the concatenation), so that a
+    reader can hash one piece while the next is still arriving."""
+
+    def __init__(self, algo: int) -> None:
+        if algo == CSUM_XXH3:
+            if _xxhash is None:
+                raise CorruptObject("object uses an xxh3 checksum but the xxhash package is not installed")
+            self._h: Any = _xxhash.xxh3_64()
+        elif algo != CSUM_CRC32:
+            raise CorruptObject(f"unknown checksum algorithm {algo}")
+        self._algo, self._crc = algo, 0
+
+    def update(self, data: Buffer) -> None:
+        if self._algo == CSUM_XXH3:
+            self._h.update(data)
+        else:
+            self._crc = zlib.crc32(data, self._crc)
+
+    def value(self) -> int:
+        return self._h.intdigest() if self._algo == CSUM_XXH3 else self._crc
+
+
 def verify_payload(header: ObjectHeader, payload: Buffer) -> None:
     if header.checksum is not None and checksum(payload, header.checksum_algo) != header.checksum:
         raise CorruptObject(f"payload checksum mismatch for key {header.key!r}")
@@ -271,4 +294,5 @@ def dtype_code(dtype: Any) -> int:
 
 
 __all__ = ["ObjectHeader", "Encoded", "parse_header", "verify_payload", "checksum", "validate_fields",
-           "MAGIC", "FORMAT_VERSION", "CSUM_XXH3", "CSUM_CRC32", "default_checksum_algo", "dtype_code"]
+           "RunningChecksum", "MAGIC", "FORMAT_VERSION", "CSUM_XXH3", "CSUM_CRC32", "default_checksum_algo",
+           "dtype_code"]
