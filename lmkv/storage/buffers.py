@@ -46,9 +46,16 @@ class PooledBuffer:
         return self.data.data_ptr()
 
     def release(self) -> None:
+        """Back to the pool (idempotent)."""
         pool, self._pool = self._pool, None
         if pool is not None:
             pool._give_back(self._block)
+
+    def detach(self) -> None:
+        """Leave the pool for good: the memory is freed with the last tensor viewing it (a consumer kept it)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool._detached(self._block)
 
 
 class BufferPool:
@@ -89,6 +96,9 @@ class BufferPool:
             while self._cached > self.max_cached:  # drop the largest idle blocks first
                 big, _, _ = self._free.pop()
                 self._cached -= big
+
+    def _detached(self, block: torch.Tensor) -> None:
+        """A taken buffer that will not come back (subclasses count it)."""
 
     def cached_bytes(self) -> int:
         with self._lock:

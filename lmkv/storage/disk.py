@@ -419,7 +419,8 @@ class DiskTier(OneByOne):
         finally:
             os.close(fd)
         # release recycles the buffer, unless a consumer took the payload to keep it (Encoded.take)
-        return Encoded(header, buf.data[header.header_len:actual], owned=True, release=buf.release)
+        return Encoded(header, buf.data[header.header_len:actual], owned=True, release=buf.release,
+                       on_take=buf.detach)
 
     def _read_verified(self, fd: int, view: memoryview, actual: int, key: str) -> ObjectHeader:
         """Read the file into ``view`` and check its header and payload checksum; the header.

@@ -217,14 +217,16 @@ class Encoded:
     does that); tiers that take one in ``put`` release it when they are done.
     """
 
-    __slots__ = ("header", "payload", "owned", "_release", "keepalive", "_addr")
+    __slots__ = ("header", "payload", "owned", "_release", "_on_take", "keepalive", "_addr")
 
     def __init__(self, header: ObjectHeader, payload: Buffer, *, owned: bool = False,
-                 release: Callable[[], None] | None = None, keepalive: Any = None, addr: int = 0) -> None:
+                 release: Callable[[], None] | None = None, keepalive: Any = None, addr: int = 0,
+                 on_take: Callable[[], None] | None = None) -> None:
         self.header = header
         self.payload = payload
         self.owned = owned
         self._release = release
+        self._on_take = on_take  # instead of release once the payload is taken (a pooled buffer detaches)
         self._addr = addr  # the payload's address when the producer knows it (memory pool slots)
         self.keepalive = keepalive  # keeps the object that owns ``payload`` alive (a tensor, bytes)
 
@@ -251,7 +253,9 @@ class Encoded:
         then freed with the payload instead of going back to its pool."""
         if not self.owned:
             raise ValueError("only an owned object's payload can be taken; copy a borrowed one")
-        self._release = None
+        fn, self._on_take, self._release = self._on_take, None, None
+        if fn is not None:
+            fn()
         return self.payload
 
     def header_bytes(self) -> bytes:

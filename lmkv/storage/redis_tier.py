@@ -4,17 +4,31 @@ Limits: capacity and eviction belong to the server (``maxmemory`` and its policy
 the server's ``maxmemory`` (0 = unlimited) and ``usage_bytes`` its ``used_memory``. Writes go through one
 background thread (or the caller of ``flush``), in order with removals, pipelined in batches; each object is
 one ``SET`` whose bulk value is sent as header buffer + payload buffer, so the payload is never concatenated
-in Python and no reader can see half an object. Values larger than 512 MiB (Redis' default bulk limit) are dropped.
+in Python and no ``GET`` can see half an object (pieced reads check, below). Values larger than 512 MiB (Redis'
+default bulk limit) are dropped.
 
 Failures never reach the caller: when the server is unreachable or slower than ``socket_timeout`` the tier logs
 once, reads become misses and writes are dropped, and the connection is retried after ``retry_backoff`` seconds
 (doubling, capped at 30 s); while it is down no call touches the network, so nothing blocks longer than the
 timeout. redis-py's own retries are disabled for that reason. A value that fails its header or checksum
-validation is a miss with a warning and is deleted.
+validation is a miss with a warning and is deleted; an error reply (a key of another type) is a miss with a warning.
+
+Reads (``get``, ``get_many``, ``iter_many``) go through :mod:`lmkv.storage.resp`, a lean RESP2 reader with its own
+small pool of connections, which receives every value straight into a buffer of a :class:`BufferPool` (passed
+as ``buffer_pool`` to share one, or a private one keeping ``read_buffer_bytes`` of idle buffers, as the disk tier
+does): no fresh ``bytes`` per reply, no copies between client buffers, and long values read as windowed GETRANGE
+pieces so that the server's reply buffers stay hot (see that module for why and the measurements: a 32 MiB get
+runs several times faster than redis-py's ``GET``). A returned object owns its pooled buffer: ``release`` hands it
+back to the pool, unless a consumer took the payload to keep it (``Encoded.take``, as ``RawSerde.decode`` without
+``out`` does). A pieced read
+is not atomic, so one that does not verify is read again with one plain ``GET`` before the value is called
+corrupt (``stats()["rereads"]`` counts those). Writes, EXISTS, DEL, INFO and CONFIG stay on redis-py, and so do
+reads over ``rediss://`` (TLS) or with ``lean_reads=False`` (then each object owns its reply ``bytes``).
 """
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from collections import deque
@@ -24,12 +38,25 @@ from typing import Any
 
 from lmkv.errors import CorruptObject
 from lmkv.storage.base import TierStats, WarnOnce, log
-from lmkv.storage.objects import Encoded, parse_header, verify_payload, writable_view
+from lmkv.storage.buffers import BufferPool, PooledBuffer
+from lmkv.storage.objects import MAGIC, Encoded, parse_header, verify_payload, writable_view
+from lmkv.storage.resp import ProtocolError, ReplyError, RespReader, Torn
 
 MAX_VALUE = 512 << 20
 _BATCH_BYTES = 64 << 20
 _BATCH_OPS = 128
 _MAX_BACKOFF = 30.0
+
+
+def _claimed_length(prefix: memoryview) -> int:
+    """The object length an lmkv header claims (header length at offset 6, payload length at 16; see
+    :mod:`lmkv.storage.objects`): sizes a pieced read before the whole header is there. Not validated here:
+    ``parse_header`` checks the complete object."""
+    if len(prefix) < 24 or bytes(prefix[:4]) != MAGIC:
+        raise CorruptObject("not an lmkv object (bad magic)")
+    (hl,) = struct.unpack_from("<H", prefix, 6)
+    (plen,) = struct.unpack_from("<Q", prefix, 16)
+    return hl + plen
 
 
 @dataclass(eq=False)
@@ -45,7 +72,8 @@ class RedisTier:
     shared = True
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, password: str = "", key_prefix: str = "lmkv:",
-                 socket_timeout: float = 0.5, retry_backoff: float = 1.0) -> None:
+                 socket_timeout: float = 0.5, retry_backoff: float = 1.0, read_buffer_bytes: int = 256 << 20,
+                 buffer_pool: BufferPool | None = None, lean_reads: bool = True) -> None:
         import redis  # lazy: only deployments with a Redis tier need redis-py
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -66,6 +94,14 @@ class RedisTier:
             url, password=password or None, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
             retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
         )
+        self.buffers = buffer_pool if buffer_pool is not None else BufferPool(read_buffer_bytes)
+        self.reader: RespReader | None = None  # None: reads through redis-py (TLS, or lean_reads=False)
+        if lean_reads and url.startswith(("redis://", "unix://")):
+            try:
+                self.reader = RespReader(url, password=password, timeout=self._timeout, pool=self.buffers,
+                                         max_value=MAX_VALUE)
+            except ValueError as exc:  # a URL form redis-py reads and the lean reader does not: keep redis-py
+                log.info("redis tier: reads go through redis-py (%s)", exc)
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._pending: dict[str, _Op] = {}
@@ -75,6 +111,7 @@ class RedisTier:
         self._stopping = False
         self._inflight = 0
         self._stats = TierStats()
+        self._rereads = 0  # pieced reads that did not add up and were read again with one GET
         self._warn = WarnOnce()
         self._closed = False
         self._writer = threading.Thread(target=self._writer_loop, name="lmkv-redis-writer", daemon=True)
@@ -124,7 +161,8 @@ class RedisTier:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {**self._stats.as_dict(), "pending": len(self._pending), "up": int(self.available())}
+            return {**self._stats.as_dict(), "pending": len(self._pending), "up": int(self.available()),
+                    "rereads": self._rereads}
 
     # -- writes --------------------------------------------------------------------------------------
     def put(self, key: str, obj: Encoded) -> bool:
@@ -135,6 +173,8 @@ class RedisTier:
                 obj.release()
                 return False
             op = _Op(key, obj, size)
+            if self.reader is not None:
+                self.reader.expect(size)  # what this deployment's values weigh: the first read window needs it
             self._pending[key] = op
             self._inflight += 1
             self._ops.append(op)
@@ -307,7 +347,14 @@ class RedisTier:
         remote = self._call(fetch, None) or [0] * len(keys)
         return [(op.obj is not None) if op is not None else bool(r) for op, r in zip(ops, remote)]
 
+    def _corrupt(self, key: str, why: Any) -> None:
+        log.warning("redis tier: value of %r is corrupt or foreign (%s); treating it as a miss", key, why)
+        with self._lock:
+            self._stats.corrupt += 1
+        self._call(lambda: self.client.delete(self._rkey(key)), 0)
+
     def _decode(self, key: str, value: Any) -> Encoded | None:
+        """A redis-py reply (the fallback read path) as an object that owns the reply bytes."""
         if value is None:
             return None
         try:
@@ -319,12 +366,55 @@ class RedisTier:
             payload = writable_view(value)[header.header_len:]
             verify_payload(header, payload)
         except CorruptObject as exc:
-            log.warning("redis tier: value of %r is corrupt or foreign (%s); treating it as a miss", key, exc)
-            with self._lock:
-                self._stats.corrupt += 1
-            self._call(lambda: self.client.delete(self._rkey(key)), 0)
+            self._corrupt(key, exc)
             return None
         return Encoded(header, payload, owned=True, keepalive=value)
+
+    def _decode_lean(self, key: str, res: Any) -> Encoded | None:
+        """A lean-reader result as an object borrowing its pooled buffer (released back to the pool)."""
+        retried = False
+        while True:
+            if isinstance(res, Torn):
+                if not res.retry or retried:
+                    self._corrupt(key, res.reason)
+                    return None
+                res, retried = self._read_atomic(key), True
+                continue
+            if not isinstance(res, PooledBuffer):  # None: a miss (or the atomic re-read failed, logged)
+                if isinstance(res, ReplyError):
+                    self._warn("reply", "redis tier: error reply for %r (%s); treating it as a miss", key,
+                               res.message)
+                return None
+            buf = res
+            try:
+                header = parse_header(buf.view)
+                if header.key != key:
+                    raise CorruptObject(f"value holds key {header.key!r}, expected {key!r}")
+                hl = header.header_len
+                payload = buf.view[hl:]
+                verify_payload(header, payload)
+            except CorruptObject as exc:
+                pieced = len(buf.view) > self.reader.piece
+                buf.release()
+                if pieced and not retried:  # a pieced read is not atomic: read it again in one GET
+                    res, retried = self._read_atomic(key), True
+                    continue
+                self._corrupt(key, exc)
+                return None
+            return Encoded(header, payload, owned=True, release=buf.release, keepalive=buf,
+                           addr=buf.address + hl, on_take=buf.detach)
+
+    def _read_atomic(self, key: str) -> Any:
+        """One plain GET through the lean reader (on another connection: the batch's is still streaming)."""
+        with self._lock:
+            self._rereads += 1
+        try:
+            return self._call(lambda: self.reader.get_atomic(self._rkey(key).encode()), None)
+        except Exception as exc:  # ProtocolError (garbage), or a bug: a miss either way
+            self._warn("protocol", "redis tier: re-read of %r failed (%r); treating it as a miss", key, exc)
+            with self._lock:
+                self._stats.errors += 1
+            return None
 
     def _count(self, obj: Encoded | None) -> None:
         with self._lock:
@@ -335,35 +425,83 @@ class RedisTier:
                 self._stats.bytes_read += obj.header.total_len
 
     def get(self, key: str) -> Encoded | None:
-        known, obj = self._pending_lookup(key)
-        if not known:
-            obj = self._decode(key, self._call(lambda: self.client.get(self._rkey(key)), None))
-        self._count(obj)
-        return obj
+        it = self.iter_many([key])
+        try:
+            return next(it)
+        finally:
+            it.close()
 
     def get_many(self, keys: Sequence[str]) -> list[Encoded | None]:
-        """Every key in one pipelined round trip (pending writes answer locally)."""
+        """Every key in one pipelined stream (pending writes answer locally)."""
         return list(self.iter_many(keys))
 
     def iter_many(self, keys: Sequence[str]) -> Iterator[Encoded | None]:
-        """Like :meth:`get_many`, one object at a time: every GET is sent in one pipelined write, and each reply
-        is read and handed over as the consumer asks for it, so a large batch is never held in memory at once and
-        decoding overlaps the transfer. Closing the iterator early drops the unread replies (their connection
-        is discarded, never reused half-read)."""
+        """Like :meth:`get_many`, one object at a time: the requests are pipelined (all GETs in one write on a slow
+        link, a window of GETRANGE pieces on a fast one), and each reply is read and handed over as the consumer
+        asks for it, so a large batch is never held in memory at once and decoding overlaps the transfer. Closing
+        the iterator early drops the unread replies (their connection is discarded, never reused half-read) and
+        releases the objects it did not hand over."""
         keys = list(keys)
         known = [self._pending_lookup(k) for k in keys]
-        replies = self._stream_gets([keys[i] for i, (kn, _) in enumerate(known) if not kn])
+        remote = [keys[i] for i, (kn, _) in enumerate(known) if not kn]
+        replies = self._lean_objects(remote) if self.reader is not None else self._redis_py_objects(remote)
+        n = 0
         try:
-            for key, (kn, obj) in zip(keys, known, strict=True):
+            for kn, obj in known:
                 if not kn:
-                    obj = self._decode(key, next(replies, None))
+                    obj = next(replies, None)
+                n += 1
                 self._count(obj)
                 yield obj
         finally:
             replies.close()
+            for _, obj in known[n:]:  # pending objects never handed over hold a reference on their write
+                if obj is not None:
+                    obj.release()
+
+    def _lean_objects(self, keys: list[str]) -> Iterator[Encoded | None]:
+        """Decoded objects of ``keys`` through the lean reader; stops early (the rest are misses) when the server
+        is unreachable, times out or sends garbage."""
+        if not keys or not self.available():
+            return
+        stream = self.reader.fetch([self._rkey(k).encode() for k in keys], _claimed_length)
+        try:
+            for n, key in enumerate(keys):
+                try:
+                    res = next(stream)
+                except StopIteration:  # pragma: no cover - the reader answers every key
+                    return
+                except self._errors as exc:
+                    self._failed(exc)
+                    return
+                except ProtocolError as exc:
+                    self._warn("protocol", "redis tier: %s sent a reply we cannot parse (%s); connection closed, "
+                               "the rest of the batch misses", self.url, exc)
+                    with self._lock:
+                        self._stats.errors += 1
+                    return
+                except Exception as exc:  # a bug must not reach the caller either: the rest of the batch misses
+                    self._warn("read", "redis tier: read failed (%r); the rest of the batch misses", exc)
+                    with self._lock:
+                        self._stats.errors += 1
+                    return
+                if n == len(keys) - 1:
+                    self._ok()
+                yield self._decode_lean(key, res)
+        finally:
+            stream.close()
+
+    def _redis_py_objects(self, keys: list[str]) -> Iterator[Encoded | None]:
+        replies = self._stream_gets(keys)
+        try:
+            for key in keys:
+                yield self._decode(key, next(replies, None))
+        finally:
+            replies.close()
 
     def _stream_gets(self, keys: list[str]) -> Iterator[Any]:
-        """The raw values of ``keys`` (None for a miss or an unreachable server), replies read lazily."""
+        """The raw values of ``keys`` through redis-py (None for a miss or an unreachable server), replies read
+        lazily: the read path for ``rediss://`` and ``lean_reads=False``."""
         if not keys or not self.available():
             return
         pool = self.client.connection_pool
@@ -396,6 +534,8 @@ class RedisTier:
             self._stopping = True
             self._work.notify_all()
         self._writer.join(timeout=5.0)
+        if self.reader is not None:
+            self.reader.close()
         try:
             self.client.close()
         except Exception:  # pragma: no cover - closing a broken connection
