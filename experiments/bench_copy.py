@@ -29,7 +29,7 @@ from experiments._common import alternate, median, report, small
 
 NAME = "bench_copy"
 SHAPES = {  # name -> [L, 2, T, H, D] of one 256-token chunk (fp16)
-    "2 MiB": (8, 2, 256, 2, 64),
+    "2 MiB": (16, 2, 256, 2, 64),
     "5.6 MiB": (30, 2, 256, 3, 64),
     "32 MiB": (32, 2, 256, 8, 128),
 }

@@ -107,6 +107,7 @@ class _Slot:
     header: ObjectHeader
     offset: int
     alloc_len: int
+    payload: torch.Tensor  # uint8 view of the slot's payload bytes, made once (a torch slice costs ~1 us)
     pins: int = 0
     dead: bool = False  # unlinked from the index; freed at the last unpin
 
@@ -284,7 +285,7 @@ class MemoryTier(OneByOne):
                 if old is not None:
                     self._policy.remove(key)
                     self._retire(old)
-                self._index[key] = _Slot(header, off, alloc_len)
+                self._index[key] = _Slot(header, off, alloc_len, self._pool[off:off + n])
                 self._policy.insert(key)
                 self._stats.puts += 1
                 self._stats.bytes_written += n
@@ -315,7 +316,7 @@ class MemoryTier(OneByOne):
             with self._lock:
                 self._arena.free(off, alloc_len)
             raise
-        slot = _Slot(header, off, alloc_len, pins=1)
+        slot = _Slot(header, off, alloc_len, self._pool[off:off + n], pins=1)
         with self._lock:
             old = self._index.pop(header.key, None)
             if old is not None:
@@ -325,7 +326,7 @@ class MemoryTier(OneByOne):
             self._policy.insert(header.key)
             self._stats.puts += 1
             self._stats.bytes_written += n
-        return Encoded(header, self._pool[off:off + n], owned=False, release=lambda: self._unpin(slot),
+        return Encoded(header, slot.payload, owned=False, release=lambda: self._unpin(slot),
                        addr=self._pool_ptr + off)
 
     def _copy_in(self, off: int, obj: Encoded) -> None:
@@ -351,8 +352,7 @@ class MemoryTier(OneByOne):
                 self._policy.touch(key)
                 self._stats.hits += 1
                 self._stats.bytes_read += slot.header.payload_len
-        payload = self._pool[slot.offset:slot.offset + slot.header.payload_len]
-        return Encoded(slot.header, payload, owned=False, release=lambda: self._unpin(slot),
+        return Encoded(slot.header, slot.payload, owned=False, release=lambda: self._unpin(slot),
                        addr=self._pool_ptr + slot.offset)
 
     def get(self, key: str) -> Encoded | None:

@@ -99,7 +99,10 @@ class RawSerde:
             raise CorruptObject(f"raw payload of {h.payload_len} bytes does not hold {dtype} {shape}")
         if not n:
             return torch.empty(shape, dtype=dtype)
-        return _bytes_tensor(obj.payload)[0].view(dtype).view(shape)
+        p = obj.payload
+        if isinstance(p, torch.Tensor) and p.dtype == torch.uint8 and p.dim() == 1:  # pool slots, pooled reads
+            return p.view(dtype).view(shape)
+        return _bytes_tensor(p)[0].view(dtype).view(shape)
 
     def decode(self, obj: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
         """The stored tensor: copied into ``out`` (right dtype and shape, any strides and device), else a tensor
