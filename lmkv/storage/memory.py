@@ -264,32 +264,11 @@ class MemoryTier(OneByOne):
         A tensor payload may have any strides and live on any device: it is copied once, by ``copy_``.
         """
         try:
-            n = obj.header.payload_len
             src = obj.payload
+            n = obj.header.payload_len
             if isinstance(src, torch.Tensor) and src.numel() * src.element_size() != n:
                 raise ValueError(f"payload tensor holds {src.numel() * src.element_size()} bytes, header says {n}")
-            alloc_len = _round(n)
-            off = self._reserve(key, alloc_len)
-            if off is None:
-                with self._lock:
-                    self._stats.rejected += 1
-                self._warn("full", "memory tier: object %r (%d bytes) does not fit in %d bytes; not cached",
-                           key, n, self._arena.capacity)
-                return False
-            # The copy runs without the lock: the reserved span is in neither the index nor the free list.
-            if n:
-                self._copy_in(off, obj)
-            header = obj.header  # shared: a lower tier may fill in its checksum, which is the same bytes'
-            with self._lock:
-                old = self._index.pop(key, None)
-                if old is not None:
-                    self._policy.remove(key)
-                    self._retire(old)
-                self._index[key] = _Slot(header, off, alloc_len, self._pool[off:off + n])
-                self._policy.insert(key)
-                self._stats.puts += 1
-                self._stats.bytes_written += n
-            return True
+            return self._store(obj.header, lambda dst: self._copy_in(dst, obj), pins=0) is not None
         finally:
             obj.release()
 
@@ -300,6 +279,16 @@ class MemoryTier(OneByOne):
         paged cache writes there: one copy). None when it does not fit (``fill`` is not called). An exception in
         ``fill`` frees the slot and propagates; nothing is published.
         """
+        dtype = DTYPES_BY_CODE[header.dtype_code]
+        slot = self._store(header, lambda dst: fill(dst.view(dtype).view(header.shape)), pins=1)
+        if slot is None:
+            return None
+        return Encoded(header, slot.payload, owned=False, release=lambda: self._unpin(slot),
+                       addr=self._pool_ptr + slot.offset)
+
+    def _store(self, header: ObjectHeader, fill: Callable[[torch.Tensor], object], pins: int) -> _Slot | None:
+        """Reserve a slot, ``fill`` its uint8 payload view without the lock (the span is in neither the index
+        nor the free list), then publish it under ``header.key`` with ``pins`` pins; None when it does not fit."""
         n = header.payload_len
         alloc_len = _round(n)
         off = self._reserve(header.key, alloc_len)
@@ -309,14 +298,16 @@ class MemoryTier(OneByOne):
             self._warn("full", "memory tier: object %r (%d bytes) does not fit in %d bytes; not cached",
                        header.key, n, self._arena.capacity)
             return None
+        payload = self._pool[off:off + n]
         try:
             if n:
-                fill(self._pool[off:off + n].view(DTYPES_BY_CODE[header.dtype_code]).view(header.shape))
+                fill(payload)
         except BaseException:
             with self._lock:
                 self._arena.free(off, alloc_len)
             raise
-        slot = _Slot(header, off, alloc_len, self._pool[off:off + n], pins=1)
+        # shared header: a lower tier may fill in its checksum, which is the same bytes'
+        slot = _Slot(header, off, alloc_len, payload, pins=pins)
         with self._lock:
             old = self._index.pop(header.key, None)
             if old is not None:
@@ -326,18 +317,15 @@ class MemoryTier(OneByOne):
             self._policy.insert(header.key)
             self._stats.puts += 1
             self._stats.bytes_written += n
-        return Encoded(header, slot.payload, owned=False, release=lambda: self._unpin(slot),
-                       addr=self._pool_ptr + off)
+        return slot
 
-    def _copy_in(self, off: int, obj: Encoded) -> None:
-        n = obj.header.payload_len
-        dst = self._pool[off:off + n]
+    def _copy_in(self, dst: torch.Tensor, obj: Encoded) -> None:
         src = obj.payload
         if isinstance(src, torch.Tensor):
             dst.view(src.dtype).view(src.shape).copy_(src)  # strided or on another device: still one copy
         else:
             addr, keep = obj.address()
-            ctypes.memmove(self._pool_ptr + off, addr, n)
+            ctypes.memmove(dst.data_ptr(), addr, obj.header.payload_len)
             del keep
 
     def _lease(self, key: str, *, count: bool) -> Encoded | None:
