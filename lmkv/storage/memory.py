@@ -123,6 +123,7 @@ class MemoryTier(OneByOne):
         pin = bool(pinned and torch.cuda.is_available())
         self._pool = torch.empty(capacity, dtype=torch.uint8, pin_memory=pin)
         self._pool_ptr = self._pool.data_ptr()
+        self._views: dict[torch.dtype, torch.Tensor] = {torch.uint8: self._pool}  # the pool per element type
         self._arena = Arena(capacity, usable=0 if prefault else capacity)
         self._index: dict[str, _Slot] = {}
         self._policy = make_policy(policy)
@@ -322,11 +323,20 @@ class MemoryTier(OneByOne):
     def _copy_in(self, dst: torch.Tensor, obj: Encoded) -> None:
         src = obj.payload
         if isinstance(src, torch.Tensor):
-            dst.view(src.dtype).view(src.shape).copy_(src)  # strided or on another device: still one copy
+            self._typed(dst, src.dtype, src.shape).copy_(src)  # strided or on another device: still one copy
         else:
             addr, keep = obj.address()
             ctypes.memmove(dst.data_ptr(), addr, obj.header.payload_len)
             del keep
+
+    def _typed(self, payload: torch.Tensor, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+        """``payload`` (a uint8 slice of the pool) as ``dtype`` of ``shape``: a slice of a per-dtype view of the
+        whole pool (slots are 64-byte aligned), one torch op fewer per copy than viewing the slice twice."""
+        typed = self._views.get(dtype)
+        if typed is None:
+            typed = self._views[dtype] = self._pool.view(dtype)
+        start = (payload.data_ptr() - self._pool_ptr) // dtype.itemsize
+        return typed[start:start + payload.numel() // dtype.itemsize].view(shape)
 
     def _lease(self, key: str, *, count: bool) -> Encoded | None:
         with self._lock:

@@ -72,13 +72,14 @@ class RawSerde:
 
     def encode(self, key: str, kv: torch.Tensor, fingerprint: bytes, *, as_is: bool = False) -> Encoded:
         """The object of ``kv``'s bytes. ``as_is``: the payload is ``kv`` itself, whatever its strides and device,
-        for a tier that copies tensors (the memory tier, with one ``copy_``); otherwise a contiguous CPU tensor."""
+        for a tier that copies tensors (the memory tier, with one ``copy_``), and the caller has validated ``key``
+        and ``fingerprint``; otherwise a contiguous CPU tensor."""
+        shape = tuple(kv.shape)
         if not as_is:
             if kv.device.type != "cpu":
                 kv = kv.to("cpu")
             kv = kv.contiguous()
-        shape = tuple(kv.shape)
-        validate_fields(key, fingerprint, shape)
+            validate_fields(key, fingerprint, shape)  # as_is callers (TieredStore) checked every argument
         header = ObjectHeader(key, bytes(fingerprint), dtype_code(kv.dtype), shape, self.code,
                               kv.numel() * kv.dtype.itemsize)
         return Encoded(header, kv, owned=False, keepalive=kv)
