@@ -73,10 +73,10 @@ def test_buffer_pool_bounds_what_it_keeps() -> None:
 # -- memory tier: prefault and strided copies --------------------------------------------------------------------
 
 
-def test_prefault_brings_capacity_up_and_puts_never_wait_for_it(monkeypatch) -> None:
+def test_prefault_brings_capacity_up_and_puts_never_wait_for_all_of_it(monkeypatch) -> None:
     monkeypatch.setattr(memory_mod, "FAULT_STEP", 1 << 16)
     tier = MemoryTier(1 << 20, prefault=True)
-    # a put right away succeeds: the caller touches the next span itself rather than evicting or failing
+    # a put right away succeeds: it waits for the spans it needs, never evicts or fails meanwhile
     kv = torch.arange(40000, dtype=torch.float32)
     assert tier.put("a", RawSerde().encode("a", kv, b""))
     assert tier.wait_prefaulted(timeout=30)
@@ -90,6 +90,46 @@ def test_prefault_brings_capacity_up_and_puts_never_wait_for_it(monkeypatch) -> 
         assert torch.equal(RawSerde().decode(obj), kv)
     tier.assert_no_leaks()
     tier.close()
+
+
+def test_a_put_waits_for_one_span_not_for_the_whole_pool(monkeypatch) -> None:
+    """The prefaulter hands each span over as it goes: a put needing one span gets in after about one step.
+    (It used to lose the grow lock to the prefaulter, which re-takes it at once, until the pool was touched.)"""
+    growers = []
+    real_grow = MemoryTier._grow
+
+    def grow(self, background: bool = False) -> bool:
+        growers.append(threading.current_thread().name)
+        return real_grow(self, background)
+
+    monkeypatch.setattr(memory_mod, "FAULT_STEP", 4 << 20)
+    monkeypatch.setattr(MemoryTier, "_grow", grow)
+    tier = MemoryTier(256 << 20, prefault=True)  # 64 spans
+    assert tier.put("a", RawSerde().encode("a", torch.zeros(1000), b""))
+    assert tier.capacity_bytes() < 256 << 20  # in before the last span
+    # the put waited for the prefaulter's next span instead of queueing on the grow lock behind it
+    assert set(growers) == {"lmkv-memory-prefault"}
+    assert tier.wait_prefaulted(timeout=60) and tier.capacity_bytes() == 256 << 20
+    tier.close()
+
+
+def test_close_and_exit_stop_the_prefaulter_and_puts_still_fit(monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(memory_mod, "FAULT_STEP", 1 << 20)
+    tier = MemoryTier(512 << 20, prefault=True)
+    tier._stop_prefault()  # as close() and interpreter exit do
+    assert not tier._prefaulter.is_alive() and tier.capacity_bytes() < 512 << 20
+    kv = torch.zeros(300 << 18)  # 300 MiB: more than was touched; the put touches what it needs
+    assert tier.put("big", RawSerde().encode("big", kv, b"")) and tier.stats()["evictions"] == 0
+    tier.close()
+    assert not tier.put("late", RawSerde().encode("late", kv[:10], b""))  # closed: dropped, no hang
+    # a process that exits while its pool is still being touched exits cleanly (no abort in a frozen thread)
+    code = ("import torch; from lmkv.storage.memory import MemoryTier\n"
+            "t = MemoryTier(2 << 30, prefault=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "terminate" not in proc.stderr, proc.stderr
 
 
 def test_prefault_is_not_racing_concurrent_puts(monkeypatch) -> None:

@@ -27,9 +27,11 @@ allocated + free bytes add up to the pool.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +45,17 @@ from lmkv.types import DTYPES_BY_CODE
 ALIGN = 64
 PIN_WAIT = 5.0  # seconds a put waits for evicted-but-pinned bytes (a lower tier still writing them)
 FAULT_STEP = 64 << 20  # bytes touched per prefault step (~0.1 s here): the unit in which capacity comes up
+
+
+# Tiers still touching their pool: stopped at interpreter exit, before daemon threads are frozen mid-touch (a
+# thread frozen inside a torch op aborts the process: "terminate called without an active exception").
+_PREFAULTING: weakref.WeakSet[MemoryTier] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_prefaulting() -> None:
+    for tier in list(_PREFAULTING):
+        tier._stop_prefault()
 
 
 def _round(n: int) -> int:
@@ -136,17 +149,20 @@ class MemoryTier(OneByOne):
         self._warn = WarnOnce()
         self._closed = False
         self._prefaulter: threading.Thread | None = None
+        self._closed_prefault = False
         if prefault and capacity:
             self._prefaulter = threading.Thread(target=self._prefault, name="lmkv-memory-prefault", daemon=True)
+            _PREFAULTING.add(self)
             self._prefaulter.start()
 
     # -- prefault ------------------------------------------------------------------------------------
-    def _grow(self) -> bool:
-        """Touch the next untouched span of the pool and hand it to the allocator; False when none is left."""
+    def _grow(self, background: bool = False) -> bool:
+        """Touch the next untouched span of the pool and hand it to the allocator; False when none is left (or,
+        for the ``background`` prefaulter, when it was told to stop)."""
         with self._grow_lock:
             start = self._arena.limit  # only this lock's holder moves limit
             n = min(FAULT_STEP, self._arena.capacity - start)
-            if n <= 0 or self._closed:
+            if n <= 0 or self._closed or (background and self._closed_prefault):
                 return False
             self._pool[start:start + n].zero_()  # the page faults happen here, off the tier lock
             with self._lock:
@@ -155,8 +171,17 @@ class MemoryTier(OneByOne):
             return True
 
     def _prefault(self) -> None:
-        while self._grow():
-            pass
+        try:
+            while self._grow(background=True):
+                pass
+        finally:
+            _PREFAULTING.discard(self)
+
+    def _stop_prefault(self) -> None:
+        """Stop touching (the step in progress ends first); the untouched rest is touched by puts as needed."""
+        self._closed_prefault = True
+        if self._prefaulter is not None:
+            self._prefaulter.join()
 
     def wait_prefaulted(self, timeout: float | None = None) -> bool:
         """Wait until the whole pool is usable (True), or ``timeout`` seconds (False)."""
@@ -257,7 +282,12 @@ class MemoryTier(OneByOne):
                     return off
                 if self._arena.limit == self._arena.capacity:
                     return self._allocate(n)
-            self._grow()  # still prefaulting: touch the next span rather than evict
+                if self._prefaulter is not None and self._prefaulter.is_alive():
+                    # the prefaulter adds a span every few ms (and would win the grow lock over and over)
+                    self._freed.wait(1.0)
+                    continue
+            if not self._grow():  # untouched spans and no prefaulter: touch the next one rather than evict
+                return None  # closed meanwhile
 
     def put(self, key: str, obj: Encoded) -> bool:
         """Copy ``obj`` into the pool (synchronously) and release it. False when it does not fit.
@@ -382,8 +412,7 @@ class MemoryTier(OneByOne):
         with self._lock:
             self.clear()
             self._closed = True
-        if self._prefaulter is not None:
-            self._prefaulter.join()
+        self._stop_prefault()
 
     def assert_no_leaks(self) -> None:
         """Raise AssertionError unless every lease was released and the pool accounting is exact."""
