@@ -78,6 +78,36 @@ def alternate(candidates: dict[str, Callable[[], Any]], *, repeats: int = 7, war
     return times
 
 
+def alternate_prepared(candidates: dict[str, tuple[Callable[[], None] | None, Callable[[], Any]]], repeats: int,
+                       warmup: int = 1) -> dict[str, list[float]]:
+    """:func:`alternate` with an optional untimed ``setup`` before every call of a ``(setup, fn)`` candidate
+    (warm-up rounds included): a fresh state per call, such as an evicted page cache before a cold read."""
+    for _ in range(warmup):
+        for setup, fn in candidates.values():
+            if setup:
+                setup()
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in candidates}
+    for _ in range(repeats):
+        for name, (setup, fn) in candidates.items():
+            if setup:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def drop_cache(path: str | os.PathLike[str]) -> None:
+    """Write back and evict ``path`` from the page cache, so the next read comes from the device."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 

@@ -68,7 +68,6 @@ import inspect
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -78,40 +77,27 @@ from urllib.parse import urlparse
 import torch
 from tqdm import tqdm
 
-from experiments._common import median, print_table, save_plot, small, write_rows
+from experiments._common import alternate_prepared, drop_cache, median, print_table, save_plot, small, write_rows
 
 NAME = "bench_peer"
 CHUNK = 256
 Setup = Callable[[], None] | None
 
 
-def alternate_prepared(cands: dict[str, tuple[Setup, Callable[[], Any]]], repeats: int, warmup: int = 1
-                       ) -> dict[str, list[float]]:
-    """``_common.alternate`` with an optional untimed ``setup`` before every call (warm-up rounds included)."""
-    for _ in range(warmup):
-        for setup, fn in cands.values():
-            if setup:
-                setup()
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in cands}
-    for _ in range(repeats):
-        for name, (setup, fn) in cands.items():
-            if setup:
-                setup()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
+def _tier_getter(tier: Any, got: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """lmkv's side of a disk / Redis get row: the verified object in memory, viewed as its tensor, released."""
+    from lmkv.storage.serde import RawSerde
 
+    raw = RawSerde()
 
-def drop_cache(path: str | os.PathLike[str]) -> None:
-    """Write back and evict ``path`` from the page cache, so the next read comes from the device."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    def get() -> None:
+        obj = tier.get("k")
+        try:
+            got["lmkv"] = raw.view(obj)
+        finally:
+            obj.release()
+
+    return get
 
 
 def _kv(layers: int, heads: int, dim: int, tokens: int, seed: int = 0) -> torch.Tensor:
@@ -312,12 +298,7 @@ def bench_disk(layers: int, tokens: int, repeats: int, root: Path) -> list[dict]
     buf = memoryview(torch.zeros(n, dtype=torch.uint8).numpy()).cast("B")
     got: dict[str, torch.Tensor] = {}
 
-    def lmkv_get() -> None:
-        obj = tier.get("k")
-        try:
-            got["lmkv"] = raw.view(obj)
-        finally:
-            obj.release()
+    lmkv_get = _tier_getter(tier, got)
 
     def lmcache_get() -> None:
         got["lmcache"] = disk.get(key)
@@ -371,12 +352,7 @@ def bench_redis(layers: int, tokens: int, repeats: int, url: str) -> list[dict]:
         remotes[scheme].put(key, lm_src)
     got: dict[str, torch.Tensor] = {}
 
-    def lmkv_get() -> None:
-        obj = tier.get("k")
-        try:
-            got["lmkv"] = raw.view(obj)
-        finally:
-            obj.release()
+    lmkv_get = _tier_getter(tier, got)
 
     cands: dict[str, tuple[Setup, Callable[[], Any]]] = {"lmkv": (None, lmkv_get)}
     for scheme, remote in remotes.items():

@@ -32,7 +32,6 @@ import argparse
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +39,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from experiments._common import alternate, median, print_table, save_plot, small, write_rows
+from experiments._common import (
+    alternate,
+    alternate_prepared,
+    drop_cache,
+    median,
+    print_table,
+    save_plot,
+    small,
+    write_rows,
+)
 from lmkv.storage.disk import DiskTier
 from lmkv.storage.memory import MemoryTier
 from lmkv.storage.redis_tier import RedisTier
@@ -75,32 +83,6 @@ def _tensor(nbytes: int) -> torch.Tensor:
     layers = nbytes // (per_token_layer * t)
     assert layers * t * per_token_layer == nbytes, nbytes
     return torch.randn(layers, 2, t, 8, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-
-
-def alternate_prepared(cands: dict[str, tuple[Callable[[], None], Callable[[], None]]], repeats: int,
-                       ) -> dict[str, list[float]]:
-    """Like ``_common.alternate`` with an untimed ``setup`` before every timed call (cold-cache reads)."""
-    for setup, fn in cands.values():
-        setup()
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in cands}
-    for _ in range(repeats):
-        for name, (setup, fn) in cands.items():
-            setup()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def _drop_cache(path: Path) -> None:
-    """Write back and evict ``path`` from the page cache, so the next read comes from the device."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def bench_memory(kv: torch.Tensor, repeats: int) -> dict[str, dict[str, list[float]]]:
@@ -162,8 +144,8 @@ def bench_disk(kv: torch.Tensor, repeats: int, root: Path, batch: int) -> dict[s
     warm = alternate({"lmkv": lmkv_get, "baseline": plain_get}, repeats=repeats)
     with tier.get("k0") as obj:
         assert torch.equal(raw.decode(obj), kv)
-    cold = alternate_prepared({"lmkv": (lambda: _drop_cache(tier.file_for("k0")), lmkv_get),
-                               "baseline": (lambda: _drop_cache(plain), plain_get)}, repeats=repeats)
+    cold = alternate_prepared({"lmkv": (lambda: drop_cache(tier.file_for("k0")), lmkv_get),
+                               "baseline": (lambda: drop_cache(plain), plain_get)}, repeats=repeats)
     tier.close()
     return {"put": put, "get-warm": warm, "get-cold": cold}
 

@@ -1,4 +1,5 @@
-"""Helpers for tests, experiments and notebooks: a throwaway local ``redis-server`` and vLLM server.
+"""Helpers for tests, experiments and notebooks: a throwaway local ``redis-server`` and vLLM server, a leak-counting
+buffer pool.
 
 ``LocalRedis`` starts ``redis-server`` on a free loopback port with persistence off, in a temporary directory,
 and stops exactly the process it started (by PID). ``VllmServer`` starts vLLM's OpenAI server in a process
@@ -22,6 +23,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from lmkv.storage.buffers import BufferPool, PooledBuffer
 
 
 def free_port() -> int:
@@ -293,3 +298,24 @@ class LatencyProxy:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class CountingPool(BufferPool):
+    """A :class:`lmkv.storage.buffers.BufferPool` that counts buffers taken and neither given back nor kept by
+    a consumer (``Encoded.take``): a leak shows as ``outstanding > 0``."""
+
+    def __init__(self, max_cached: int = 256 << 20) -> None:
+        super().__init__(max_cached)
+        self.outstanding = 0
+
+    def take(self, n: int) -> PooledBuffer:
+        buf = super().take(n)
+        self.outstanding += 1
+        return buf
+
+    def _give_back(self, block: torch.Tensor) -> None:
+        self.outstanding -= 1
+        super()._give_back(block)
+
+    def _detached(self, block: torch.Tensor) -> None:  # a consumer kept the payload: not a leak
+        self.outstanding -= 1

@@ -29,6 +29,7 @@ from lmkv.storage.resp import (
     Torn,
     parse_url,
 )
+from lmkv.testing import CountingPool
 
 pytestmark = pytest.mark.redis
 
@@ -63,23 +64,6 @@ def _value(n: int, seed: int) -> bytes:
 
 def _length_of(prefix: memoryview) -> int:
     return struct.unpack_from("<Q", prefix, 0)[0]
-
-
-class CountingPool(BufferPool):
-    """A BufferPool that counts buffers taken and not given back (a leak shows as ``outstanding > 0``)."""
-
-    def __init__(self, max_cached: int = 64 << 20) -> None:
-        super().__init__(max_cached)
-        self.outstanding = 0
-
-    def take(self, n: int) -> PooledBuffer:
-        buf = super().take(n)
-        self.outstanding += 1
-        return buf
-
-    def _give_back(self, block) -> None:
-        self.outstanding -= 1
-        super()._give_back(block)
 
 
 def _reader(srv, pool: BufferPool | None = None, **kw) -> RespReader:

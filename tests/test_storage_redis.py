@@ -25,6 +25,7 @@ from lmkv.storage.objects import Encoded
 from lmkv.storage.redis_tier import MAX_VALUE, RedisTier
 from lmkv.storage.resp import PIECE
 from lmkv.storage.serde import RawSerde
+from lmkv.testing import CountingPool
 
 pytestmark = pytest.mark.redis
 
@@ -155,26 +156,6 @@ def test_redis_url_is_validated() -> None:
 
 
 # -- the lean read path ------------------------------------------------------------------------------------------
-class CountingPool(BufferPool):
-    """A BufferPool that counts buffers taken and not given back (a leak shows as ``outstanding > 0``)."""
-
-    def __init__(self, max_cached: int = 256 << 20) -> None:
-        super().__init__(max_cached)
-        self.outstanding = 0
-
-    def take(self, n: int):
-        buf = super().take(n)
-        self.outstanding += 1
-        return buf
-
-    def _give_back(self, block) -> None:
-        self.outstanding -= 1
-        super()._give_back(block)
-
-    def _detached(self, block) -> None:  # a consumer kept the payload (Encoded.take): not a leak
-        self.outstanding -= 1
-
-
 def _bytes_kv(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 

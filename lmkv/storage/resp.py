@@ -453,14 +453,18 @@ class RespReader:
                 conn.crlf()
                 yield Torn(f"value of {n} bytes exceeds the {self.max_value}-byte limit", retry=False)
             else:
-                buf = self.pool.take(n)
-                try:
-                    conn.read_into(buf.view, n)
-                    conn.crlf()
-                except BaseException:
-                    buf.release()
-                    raise
-                yield buf
+                yield self._receive(conn, n)
+
+    def _receive(self, conn: Connection, n: int) -> PooledBuffer:
+        """The ``n`` bytes of a bulk reply (its ``$n`` line already read) in a pooled buffer, CRLF consumed."""
+        buf = self.pool.take(n)
+        try:
+            conn.read_into(buf.view, n)
+            conn.crlf()
+        except BaseException:
+            buf.release()
+            raise
+        return buf
 
     def _pieced(self, conn: Connection, rkeys: list[bytes], length_of: Callable[[memoryview], int],
                 window: int) -> Iterator[Result]:
@@ -531,14 +535,7 @@ class RespReader:
                         k.final = True
                         return
                     self._hint = m
-                    buf = self.pool.take(m)
-                    try:
-                        conn.read_into(buf.view, m)
-                        conn.crlf()
-                    except BaseException:
-                        buf.release()
-                        raise
-                    k.result, k.final = buf, True
+                    k.result, k.final = self._receive(conn, m), True
                     return
                 try:
                     total = int(length_of(conn.peek(PEEK)))
