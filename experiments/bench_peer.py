@@ -412,29 +412,32 @@ COLUMNS = ["group", "op", "case", "threads", "lmkv_ms", "lmcache_ms", "raw_ms", 
 
 
 def plot(rows: list[dict]) -> Any:
+    """One horizontal panel per thread count: lmkv / LMCache and lmkv / raw per row (log scale, > 1 = lmkv faster),
+    so a reader sees at a glance which paths lmkv wins, ties or loses."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['group']}\n{r['op']}\n{r['case']}".replace(" (", "\n(")
-              + ("\nresp://" if r.get("lmcache_connector") == "resp://" else "") + f"\n{r['threads']} thr"
-              for r in rows]
-    x = list(range(len(rows)))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(10, len(rows) * 0.9), 8))
-    for off, side, label in ((-0.27, "raw", "raw baseline"), (0.0, "lmcache", "LMCache 0.5.6"), (0.27, "lmkv", "lmkv")):
-        ax1.bar([i + off for i in x], [r[f"{side}_ms"] or 0 for r in rows], 0.27, label=label)
-    ax1.set_ylabel("ms per call (median)")
-    ax1.set_yscale("log")
-    ax1.set_xticks(x, labels, fontsize=6)
-    ax1.legend()
-    ax2.bar([i - 0.2 for i in x], [r["lmkv/lmcache"] for r in rows], 0.4, label="lmkv / LMCache")
-    ax2.bar([i + 0.2 for i in x], [r["lmkv/raw"] or 0 for r in rows], 0.4, label="lmkv / raw")
-    ax2.axhline(1.0, color="k", linestyle="--")
-    ax2.set_ylabel("throughput ratio (> 1: lmkv faster)")
-    ax2.set_xticks(x, labels, fontsize=6)
-    ax2.legend()
-    fig.suptitle("lmkv vs LMCache 0.5.6 CPU paths vs raw (one process, interleaved)")
+    counts = sorted({r["threads"] for r in rows}, reverse=True)
+    per = [[r for r in rows if r["threads"] == c] for c in counts]
+    height = max(4, 0.32 * max(len(p) for p in per))
+    fig, axes = plt.subplots(1, len(counts), figsize=(7 * len(counts), height), sharey=True, squeeze=False)
+    for ax, count, part in zip(axes[0], counts, per, strict=True):
+        labels = [f"{r['group']} {r['op']} {r['case']}"
+                  + (" vs resp://" if r.get("lmcache_connector") == "resp://" else "") for r in part]
+        y = list(range(len(part)))
+        ax.barh([i - 0.2 for i in y], [r["lmkv/lmcache"] for r in part], 0.4, label="lmkv / LMCache 0.5.6")
+        ax.barh([i + 0.2 for i in y], [r["lmkv/raw"] or 0 for r in part], 0.4, label="lmkv / raw baseline")
+        ax.axvline(1.0, color="k", linestyle="--", linewidth=1)
+        ax.axvline(0.8, color="gray", linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.set_xlabel("throughput ratio (> 1: lmkv faster; dotted: 0.8)")
+        ax.set_title(f"{count} torch thread{'s' if count > 1 else ''}")
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].invert_yaxis()  # the table's order, top down (the axes share y: invert once)
+    fig.suptitle("lmkv vs LMCache 0.5.6 CPU paths and raw baselines (one process, interleaved, medians)")
     fig.tight_layout()
     plt.close(fig)
     return fig
