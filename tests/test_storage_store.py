@@ -52,6 +52,7 @@ def test_from_config_with_redis(tmp_path: Path) -> None:
         cfg = load({"disk": {"path": str(tmp_path)}, "redis": {"enabled": True, "url": srv.url}})
         with TieredStore.from_config(cfg) as s:
             assert [t.name for t in s.tiers] == ["memory", "disk", "redis"]
+            assert s.tier("disk")._buffers is s.tier("redis").buffers  # one pool of idle read buffers
             s.put("k", _kv(1), fingerprint=b"")
             s.flush()
             assert s.tier("redis").contains("k")

@@ -4,7 +4,8 @@ Limits: files are written with plain buffered I/O and no fsync (an object is dur
 back; a torn file after a power loss fails its checksum and reads as a miss). ``o_direct`` applies to reads
 only (aligned buffer, falls back to buffered reads where the filesystem refuses O_DIRECT). Reads land in pooled,
 page-aligned buffers (``lmkv.storage.buffers``; at most ``read_buffer_bytes`` of idle ones are kept) that go
-back to the pool when the object is released: no read allocates once the pool is warm. The index lives in
+back to the pool when the object is released: no read allocates once the pool is warm (``buffer_pool`` shares
+one pool with other tiers, as ``TieredStore.from_config`` does for disk and Redis). The index lives in
 memory and is rebuilt on start by reading each file's header (one small read per object), with recency taken
 from the files' mtimes; leftover ``.tmp`` files older than ten minutes (a crash, not a writer in another
 process) are deleted then. Objects that another process writes into the same directory later are adopted on
@@ -109,7 +110,8 @@ class DiskTier(OneByOne):
     shared = True  # other processes on this machine see the directory (contains/get adopt their files)
 
     def __init__(self, path: str | os.PathLike[str], capacity: int, *, io_threads: int = 2,
-                 o_direct: bool = False, policy: str = "lru", read_buffer_bytes: int = 256 << 20) -> None:
+                 o_direct: bool = False, policy: str = "lru", read_buffer_bytes: int = 256 << 20,
+                 buffer_pool: BufferPool | None = None) -> None:
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
             raise ValueError(f"capacity must be a byte count >= 0, got {capacity!r}")
         if not isinstance(io_threads, int) or io_threads < 1:
@@ -121,7 +123,7 @@ class DiskTier(OneByOne):
         self._tmp_ids = itertools.count()
         self._capacity = capacity
         self._o_direct = bool(o_direct) and hasattr(os, "O_DIRECT")
-        self._buffers = BufferPool(read_buffer_bytes)
+        self._buffers = buffer_pool if buffer_pool is not None else BufferPool(read_buffer_bytes)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="lmkv-disk-read")  # read-ahead of large reads
         self._policy = make_policy(policy)
         self._index: dict[str, int] = {}  # key -> file size

@@ -21,6 +21,7 @@ import torch
 from lmkv.errors import CorruptObject
 from lmkv.plan import leading_hits
 from lmkv.storage.base import Tier, log
+from lmkv.storage.buffers import BufferPool
 from lmkv.storage.memory import MemoryTier
 from lmkv.storage.objects import MAX_FINGERPRINT, MAX_NDIM, Encoded, dtype_code, validate_fields
 from lmkv.storage.serde import RawSerde, Serde, get_serde, serde_for_code
@@ -68,6 +69,7 @@ class TieredStore:
         cfg = load(config)
         tiers: list[Tier] = []
         serdes: list[str] = []
+        reads = BufferPool(256 << 20)  # one pool of idle read buffers for disk and Redis
         if cfg.memory.enabled:
             tiers.append(MemoryTier(cfg.memory.capacity, policy=cfg.memory.policy, pinned=cfg.memory.pinned,
                                     prefault=cfg.memory.prefault))
@@ -77,14 +79,14 @@ class TieredStore:
 
             path = cfg.disk.path or str(cache_dir() / "disk")
             tiers.append(DiskTier(path, cfg.disk.capacity, io_threads=cfg.disk.io_threads, o_direct=cfg.disk.o_direct,
-                                  policy=cfg.disk.policy))
+                                  policy=cfg.disk.policy, buffer_pool=reads))
             serdes.append(cfg.disk.serde)
         if cfg.redis.enabled:
             from lmkv.storage.redis_tier import RedisTier
 
             r = cfg.redis
             tiers.append(RedisTier(r.url, password=r.password, key_prefix=r.key_prefix,
-                                   socket_timeout=r.socket_timeout, retry_backoff=r.retry_backoff))
+                                   socket_timeout=r.socket_timeout, retry_backoff=r.retry_backoff, buffer_pool=reads))
             serdes.append(r.serde)
         if not tiers:
             raise ValueError("configuration enables no storage tier (memory, disk and redis are all disabled)")
