@@ -7,6 +7,7 @@ plug-ins are importable for tests and experiments.
 from __future__ import annotations
 
 from lmkv.storage.base import Tier, TierStats
+from lmkv.storage.buffers import BufferPool
 from lmkv.storage.memory import MemoryTier
 from lmkv.storage.objects import Encoded, ObjectHeader, parse_header
 from lmkv.storage.serde import CacheGenSerde, RawSerde, get_serde
@@ -25,5 +26,5 @@ def __getattr__(name: str):  # the disk and Redis tiers load lazily (Redis needs
     raise AttributeError(name)
 
 
-__all__ = ["TieredStore", "Tier", "TierStats", "MemoryTier", "DiskTier", "RedisTier", "Encoded", "ObjectHeader",
-           "parse_header", "RawSerde", "CacheGenSerde", "get_serde"]
+__all__ = ["TieredStore", "Tier", "TierStats", "MemoryTier", "DiskTier", "RedisTier", "BufferPool", "Encoded",
+           "ObjectHeader", "parse_header", "RawSerde", "CacheGenSerde", "get_serde"]
