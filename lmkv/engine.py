@@ -13,6 +13,7 @@ The engine imports neither transformers nor vLLM: adapters pass tensors and toke
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from lmkv.plan import Chunk, ChunkPlan
 from lmkv.storage import TieredStore
 from lmkv.token_db import TokenDatabase
 from lmkv.types import KVGeometry
+
+log = logging.getLogger("lmkv.engine")
 
 
 @dataclass
@@ -262,8 +265,11 @@ class KVEngine:
 
     def _fits(self, kv: torch.Tensor, num_tokens: int) -> bool:
         """Whether a stored object has this engine's geometry; one that does not is corrupt (a load error)."""
-        ok = tuple(kv.shape) == self.geometry.chunk_shape(num_tokens) and kv.dtype == self.geometry.dtype
+        want = self.geometry.chunk_shape(num_tokens)
+        ok = tuple(kv.shape) == want and kv.dtype == self.geometry.dtype
         if not ok:
+            log.warning("engine: a stored object is %s %s where the chunk is %s %s (a foreign or forged object "
+                        "under this key); treating it as a miss", kv.dtype, tuple(kv.shape), self.geometry.dtype, want)
             with self._lock:
                 self.counters.load_errors += 1
         return ok

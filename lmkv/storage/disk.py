@@ -117,7 +117,11 @@ class DiskTier(OneByOne):
         if not isinstance(io_threads, int) or io_threads < 1:
             raise ValueError(f"io_threads must be an int >= 1, got {io_threads!r}")
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._warn = WarnOnce()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # read-only, permission denied, no inodes: a tier that misses and skips writes
+            self._warn("mkdir", "disk tier: cannot create %s (%s); reads miss and writes are skipped", path, exc)
         self._root = str(self.path)
         self._subdirs: set[str] = set()
         self._tmp_ids = itertools.count()
@@ -133,7 +137,6 @@ class DiskTier(OneByOne):
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._stats = TierStats()
-        self._warn = WarnOnce()
         self._jobs: deque[_Job] = deque()
         self._work = threading.Condition(self._lock)
         self._closed = False
@@ -148,18 +151,32 @@ class DiskTier(OneByOne):
         return Path(self._fname(key))
 
     def _fname(self, key: str) -> str:
+        """The object's path; creates nothing (reads must work, and never write, on a full or read-only disk)."""
         # plain strings: pathlib costs tens of microseconds per object on the hot path
         h = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
-        sub = os.path.join(self._root, h[:2])
+        return os.path.join(self._root, h[:2], h + ".obj")
+
+    def _make_dir(self, fname: str) -> None:
+        """Create the object's directory before a write (an OSError here is a skipped put)."""
+        sub = os.path.dirname(fname)
         if sub not in self._subdirs:
             os.makedirs(sub, exist_ok=True)
             self._subdirs.add(sub)
-        return os.path.join(sub, h + ".obj")
 
     def _rebuild_index(self) -> None:
         found: list[tuple[float, str, int]] = []
-        for sub in sorted(p for p in self.path.iterdir() if p.is_dir() and len(p.name) == 2):
-            for f in sub.iterdir():
+        try:
+            subs = sorted(p for p in self.path.iterdir() if p.is_dir() and len(p.name) == 2)
+        except OSError as exc:
+            self._warn("scan", "disk tier: cannot list %s (%s); starting empty", self.path, exc)
+            subs = []
+        for sub in subs:
+            try:
+                entries = list(sub.iterdir())
+            except OSError as exc:
+                self._warn("scan", "disk tier: cannot list %s (%s); its objects are not indexed", sub, exc)
+                continue
+            for f in entries:
                 if f.name.endswith(".tmp"):
                     # A crashed write, unless it is young: another process sharing the directory may be
                     # writing it right now (a write takes well under a second).
@@ -262,6 +279,7 @@ class DiskTier(OneByOne):
         published = False
         try:
             header = job.obj.header_bytes()  # computes the payload checksum once, off the caller's thread
+            self._make_dir(final)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 _write_all(fd, [header, job.obj.view()])
@@ -288,6 +306,8 @@ class DiskTier(OneByOne):
                     os.unlink(tmp)
                 except FileNotFoundError:
                     pass
+                except OSError as exc:  # its directory is gone or unusable: nothing was created there
+                    self._warn("unlink", "disk tier: cannot remove %s: %s", tmp, exc)
             with self._lock:
                 if self._pending.get(job.key) is job:
                     del self._pending[job.key]
