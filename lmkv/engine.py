@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,6 +201,28 @@ class KVEngine:
             self.counters.missed_tokens += len(plan) - n
             self.counters.retrieve_s += time.perf_counter() - t0
         return out[:, :, :n], n
+
+    def prefetch(self, tokens: Any) -> Future:
+        """Promote the stored prefix of ``tokens`` (a sequence or its plan) from the slower tiers into the top one,
+        in the background, so that a later ``retrieve`` reads RAM: call it as soon as the next prompt is known.
+
+        Returns a Future of the number of leading tokens then in the top tier (fingerprints checked, reading stops at
+        the first chunk that is missing).
+        """
+        plan = self.plan(tokens)
+        chunks = plan.chunks()
+        fut = self.storage.prefetch([c.key for c in chunks], [c.fingerprint for c in chunks], prefix=True)
+        out: Future = Future()
+
+        def done(f: Future) -> None:
+            if f.exception() is not None:
+                out.set_exception(f.exception())
+            else:
+                n = f.result()
+                out.set_result(chunks[n - 1].end if n else 0)
+
+        fut.add_done_callback(done)
+        return out
 
     def _check_out(self, out: Any, total: int) -> None:
         g = self.geometry

@@ -391,3 +391,27 @@ def test_a_truncated_large_file_is_a_miss(tmp_path: Path, small_pieces) -> None:
     path.write_bytes(path.read_bytes()[:30_000])
     assert tier.get("k") is None
     tier.close()
+
+
+def test_prefetch_promotes_the_stored_prefix_into_ram(tmp_path: Path) -> None:
+    eng = _engine(tmp_path)
+    toks = list(range(500, 500 + 3 * CHUNK + 4))
+    kv = _kv(len(toks))
+    eng.store(toks, kv)
+    eng.flush()
+    plan = eng.plan(toks)
+    memory = eng.storage.tiers[0]
+    memory.clear()
+    assert eng.prefetch(toks).result(timeout=30) == len(toks)
+    assert all(memory.contains(k) for k in plan.keys)
+    got, n = eng.retrieve(toks)
+    assert n == len(toks) and torch.equal(got, kv) and eng.last_tiers() == {"memory": len(toks)}
+    # a chunk stored for other tokens ends the prefetched prefix (fingerprints are checked), as it ends a retrieve
+    memory.clear()
+    eng.storage.tier("disk").put(plan.keys[2], RawSerde().encode(plan.keys[2], kv[:, :, 32:48], b"other tokens"))
+    eng.storage.tier("disk").flush()
+    assert eng.prefetch(toks).result(timeout=30) == 2 * CHUNK
+    assert memory.contains(plan.keys[1]) and not memory.contains(plan.keys[2]) and not memory.contains(plan.keys[3])
+    assert eng.prefetch(list(range(9000, 9010))).result(timeout=30) == 0
+    eng.storage.assert_no_leaks()
+    eng.close()

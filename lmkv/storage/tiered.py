@@ -445,11 +445,19 @@ class TieredStore:
             self._last_tier.pop(key, None)
         return found
 
-    def prefetch(self, keys: Sequence[str]) -> Future:
-        """Warm the top tier with ``keys`` in the background; the Future resolves to how many are there."""
+    def prefetch(self, keys: Sequence[str], fingerprints: Sequence[bytes | None] | None = None, *,
+                 prefix: bool = False) -> Future:
+        """Warm the top tier with ``keys`` in the background; the Future resolves to how many are there.
+
+        ``prefix``: a prefix read (fingerprints checked, stopping at the first miss) whose lower-tier hits are
+        promoted; the Future resolves to how many leading keys are then in the top tier.
+        """
         keys = list(keys)
 
         def job() -> int:
+            if prefix:
+                got = self.get_many(keys, fingerprints, prefix=True, borrow=True)
+                return leading_hits([tier is not None for _, tier in got])
             top = self.tiers[0].contains_many(keys)
             cold = [k for k, h in zip(keys, top, strict=True) if not h]
             return sum(top) + sum(kv is not None for kv, _ in self.get_many(cold))  # hits are promoted
