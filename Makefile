@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 # The Redis tests start their own redis-server on a free loopback port; install the binary when missing.
 redis-server:
-	@command -v redis-server >/dev/null || bash scripts/install_redis.sh
+	@(command -v redis-server && command -v redis-cli) >/dev/null || bash scripts/install_redis.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,8 @@
 buffer pool.
 
 ``LocalRedis`` starts ``redis-server`` on a free loopback port with persistence off, in a temporary directory,
-and stops exactly the process it started (by PID). ``VllmServer`` starts vLLM's OpenAI server in a process
+and stops exactly the process it started (by PID); ``LocalRedisCluster`` does the same for the six processes of
+a real Redis Cluster. ``VllmServer`` starts vLLM's OpenAI server in a process
 group of its own and stops exactly that group. Neither talks to anything but 127.0.0.1.
 """
 
@@ -21,6 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +49,11 @@ class LocalRedis:
         password: sets ``requirepass``; the ``url`` then carries it.
     """
 
-    def __init__(self, port: int | None = None, password: str = "") -> None:
+    def __init__(self, port: int | None = None, password: str = "", extra_args: Sequence[str] = ()) -> None:
         self.binary = shutil.which("redis-server")
         self.port = port or free_port()
         self.password = password
+        self.extra_args = list(extra_args)
         self.dir = tempfile.mkdtemp(prefix="lmkv-redis-")
         self.proc: subprocess.Popen | None = None
 
@@ -65,7 +68,8 @@ class LocalRedis:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", self.dir, "--protected-mode", "no", "--loglevel", "warning"]
         if self.password:
-            args += ["--requirepass", self.password]
+            args += ["--requirepass", self.password, "--masterauth", self.password]
+        args += self.extra_args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -108,6 +112,101 @@ class LocalRedis:
 
     def __enter__(self) -> LocalRedis:
         return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cleanup()
+
+
+class LocalRedisCluster:
+    """A real Redis Cluster on 127.0.0.1: ``masters`` masters with ``replicas`` replicas each, one
+    ``redis-server`` process per node (``--cluster-enabled yes``, a short ``cluster-node-timeout`` so a killed
+    master's replica takes over in about a second), joined by ``redis-cli --cluster create``. :meth:`cleanup` stops
+    exactly the processes it started, by PID.
+
+    Args:
+        masters, replicas: the topology (default 3 masters, 1 replica each: 6 processes).
+        node_timeout_ms: ``cluster-node-timeout``.
+    """
+
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+        if masters < 3:
+            raise ValueError(f"masters must be >= 3 (redis-cli --cluster create needs 3), got {masters}")
+        self.cli = shutil.which("redis-cli")
+        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(node_timeout_ms)]
+        # the bus port is explicit: the default (port + 10000) does not exist for ports above 55535
+        self.nodes = [LocalRedis(extra_args=[*args, "--cluster-port", str(free_port())])
+                      for _ in range(masters * (1 + replicas))]
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        """A live seed node's URL (any node serves as a seed)."""
+        return next(n for n in self.nodes if n.proc is not None).url
+
+    def start(self, timeout: float = 60.0) -> LocalRedisCluster:
+        if self.cli is None:
+            raise RedisUnavailable("redis-cli is not installed (it comes with redis-server's package)")
+        try:
+            for node in self.nodes:
+                node.start()
+            addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+            subprocess.run([self.cli, "--cluster", "create", *addrs, "--cluster-replicas", str(self.replicas),
+                            "--cluster-yes"], check=True, capture_output=True, timeout=timeout)
+            self.wait_ok(timeout)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def info(self, node: LocalRedis) -> dict[str, str]:
+        """``CLUSTER INFO`` of one node as a dict ({} when it does not answer)."""
+        try:
+            out = subprocess.run([self.cli, "-p", str(node.port), "cluster", "info"], capture_output=True,
+                                 text=True, timeout=5).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return {}
+        return dict(line.strip().split(":", 1) for line in out.splitlines() if ":" in line)
+
+    def wait_ok(self, timeout: float = 30.0) -> float:
+        """Wait until every running node reports ``cluster_state:ok``; the seconds it took."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            live = [n for n in self.nodes if n.proc is not None]
+            if all(self.info(n).get("cluster_state") == "ok" for n in live):
+                return time.monotonic() - t0
+            time.sleep(0.1)
+        raise RuntimeError(f"the cluster did not reach cluster_state:ok within {timeout}s")
+
+    def wait_failover(self, masters: int, timeout: float = 30.0) -> float:
+        """After a master was killed: wait until ``masters`` live nodes are masters (a replica was promoted) and
+        every live node reports ``cluster_state:ok``; the seconds it took."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if len(self.masters()) == masters:
+                self.wait_ok(max(0.1, timeout - (time.monotonic() - t0)))
+                return time.monotonic() - t0
+            time.sleep(0.1)
+        raise RuntimeError(f"no failover to {masters} live masters within {timeout}s")
+
+    def masters(self) -> list[LocalRedis]:
+        """The nodes that are masters now (a failover changes this)."""
+        out = []
+        for n in self.nodes:
+            if n.proc is None:
+                continue
+            role = subprocess.run([self.cli, "-p", str(n.port), "role"], capture_output=True, text=True,
+                                  timeout=5).stdout.split()
+            if role[:1] == ["master"]:
+                out.append(n)
+        return out
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
+
+    def __enter__(self) -> LocalRedisCluster:
+        return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.cleanup()
