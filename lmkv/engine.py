@@ -194,12 +194,7 @@ class KVEngine:
             out = torch.empty(self.geometry.chunk_shape(total), dtype=self.geometry.dtype)
         else:
             self._check_out(out, total)
-        t0 = time.perf_counter()
-        n = self._read(chunks, lambda c, kv: out[:, :, c.start:c.end].copy_(kv))
-        with self._lock:
-            self.counters.hit_tokens += n
-            self.counters.missed_tokens += len(plan) - n
-            self.counters.retrieve_s += time.perf_counter() - t0
+        n = self._read(plan, chunks, lambda c, kv: out[:, :, c.start:c.end].copy_(kv))
         return out[:, :, :n], n
 
     def prefetch(self, tokens: Any) -> Future:
@@ -235,26 +230,25 @@ class KVEngine:
             raise ValueError(f"out must be {g.dtype} of shape {want} (dim 2 >= {total}), got {out.dtype} "
                              f"{tuple(out.shape)}")
 
-    def _read(self, chunks: Sequence[Chunk], sink: Any) -> int:
-        """Hand each stored chunk of the prefix ``chunks`` to ``sink(chunk, kv)``, in order; the tokens served.
+    def _read(self, plan: ChunkPlan, chunks: Sequence[Chunk], sink: Any) -> int:
+        """Hand each stored chunk of the prefix ``chunks`` (of ``plan``) to ``sink(chunk, kv)``, in order; the
+        tokens served, counted as this plan's hits and misses.
 
         ``kv`` is a zero-copy view of the stored bytes, valid only during the call: the sink copies it to where it
-        belongs (one copy). A foreign object ends the prefix: no later chunk reaches the sink.
+        belongs (one copy). Hits arrive in order and stop at the first miss (a prefix read); a foreign object ends
+        the prefix too: no later chunk reaches the sink.
         """
+        t0 = time.perf_counter()
         served: list[tuple[Chunk, str]] = []
         broken = False
 
         def on_hit(i: int, kv: torch.Tensor, tier: str) -> None:
             nonlocal broken
-            c = chunks[i]
-            if broken or c.start != (served[-1][0].end if served else chunks[0].start):
-                broken = True
-                return
-            if not self._fits(kv, c.num_tokens):
+            if broken or not self._fits(kv, chunks[i].num_tokens):
                 broken = True  # a foreign object under our key (the key names the geometry): corruption
                 return
-            sink(c, kv)
-            served.append((c, tier))
+            sink(chunks[i], kv)
+            served.append((chunks[i], tier))
 
         self.storage.get_many([c.key for c in chunks], [c.fingerprint for c in chunks], prefix=True,
                               on_hit=on_hit, borrow=True)
@@ -264,6 +258,9 @@ class KVEngine:
         n = served[-1][0].end if served else 0
         with self._lock:
             self.counters.retrieved_tokens += n
+            self.counters.hit_tokens += n
+            self.counters.missed_tokens += len(plan) - n
+            self.counters.retrieve_s += time.perf_counter() - t0
             self._last_tiers = tiers
         return n
 
@@ -377,7 +374,6 @@ class KVEngine:
         if end > slot_mapping.shape[0]:
             raise ValueError(f"end={end} exceeds slot_mapping length {slot_mapping.shape[0]}")
         plan = plan if plan is not None else self.plan(toks[:end])
-        t0 = time.perf_counter()
 
         def scatter(c: Chunk, kv: torch.Tensor) -> None:
             lo = max(c.start, start)
@@ -385,11 +381,7 @@ class KVEngine:
                 src = kv if lo == c.start else kv[:, :, lo - c.start:].contiguous()
                 paged.scatter(src, kv_caches, slot_mapping[lo:c.end], layout=layout)
 
-        n = min(self._read(plan.chunks(end), scatter), end)
-        with self._lock:
-            self.counters.hit_tokens += n
-            self.counters.missed_tokens += len(plan) - n
-            self.counters.retrieve_s += time.perf_counter() - t0
+        n = min(self._read(plan, plan.chunks(end), scatter), end)
         return max(n, start)
 
     # -- housekeeping --------------------------------------------------------------------------------------
