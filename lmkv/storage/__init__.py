@@ -1,4 +1,5 @@
-"""Tiered KV storage: memory, local disk and Redis behind one store (see docs/storage.md).
+"""Tiered KV storage: process RAM, host-shared RAM (node), local disk and Redis or a Redis Cluster behind one
+store (see docs/storage.md).
 
 ``TieredStore.from_config(config)`` is what the engine uses; the tiers, the object format and the serde
 plug-ins are importable for tests and experiments.
@@ -19,6 +20,14 @@ def __getattr__(name: str):  # the disk and Redis tiers load lazily (Redis needs
         from lmkv.storage.disk import DiskTier
 
         return DiskTier
+    if name == "NodeTier":
+        from lmkv.storage.node import NodeTier
+
+        return NodeTier
+    if name == "RedisClusterTier":
+        from lmkv.storage.redis_cluster import RedisClusterTier
+
+        return RedisClusterTier
     if name == "RedisTier":
         from lmkv.storage.redis_tier import RedisTier
 
@@ -26,5 +35,5 @@ def __getattr__(name: str):  # the disk and Redis tiers load lazily (Redis needs
     raise AttributeError(name)
 
 
-__all__ = ["TieredStore", "Tier", "TierStats", "MemoryTier", "DiskTier", "RedisTier", "BufferPool", "Encoded",
-           "ObjectHeader", "parse_header", "RawSerde", "CacheGenSerde", "get_serde"]
+__all__ = ["TieredStore", "Tier", "TierStats", "MemoryTier", "NodeTier", "DiskTier", "RedisTier", "RedisClusterTier",
+           "BufferPool", "Encoded", "ObjectHeader", "parse_header", "RawSerde", "CacheGenSerde", "get_serde"]

@@ -40,7 +40,7 @@ from lmkv.errors import CorruptObject
 from lmkv.storage.base import TierStats, WarnOnce, log
 from lmkv.storage.buffers import BufferPool, PooledBuffer
 from lmkv.storage.objects import MAGIC, Encoded, parse_header, verify_payload, writable_view
-from lmkv.storage.resp import ProtocolError, ReplyError, RespReader, Torn
+from lmkv.storage.resp import PIECE, ProtocolError, ReplyError, RespReader, Torn
 
 MAX_VALUE = 512 << 20
 _BATCH_BYTES = 64 << 20
@@ -59,6 +59,27 @@ def _claimed_length(prefix: memoryview) -> int:
     return hl + plen
 
 
+def pack_writes(prefix: str, ops: Sequence[_Op]) -> list[Any]:
+    """SET/DEL commands as RESP buffers, packed by hand so that each value is ONE bulk string (header then
+    payload, sent as separate buffers): no concatenation in Python, and Redis keeps a large bulk argument as the
+    value without copying it (an APPEND would copy it server-side)."""
+    parts: list[Any] = []
+    small = b""
+    for op in ops:
+        rkey = (prefix + op.key).encode()
+        if op.obj is None:
+            small += b"*2\r\n$3\r\nDEL\r\n$%d\r\n%s\r\n" % (len(rkey), rkey)
+            continue
+        header = op.obj.header_bytes()
+        payload = op.obj.view()
+        small += b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(rkey), rkey, len(header) + len(payload))
+        parts += [small + header, payload]
+        small = b"\r\n"
+    if small:
+        parts.append(small)
+    return parts
+
+
 @dataclass(eq=False)
 class _Op:
     key: str
@@ -74,9 +95,15 @@ class RedisTier:
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, password: str = "", key_prefix: str = "lmkv:",
                  socket_timeout: float = 0.5, retry_backoff: float = 1.0, read_buffer_bytes: int = 256 << 20,
                  buffer_pool: BufferPool | None = None, lean_reads: bool = True) -> None:
+        self._init_common(url, key_prefix, socket_timeout, retry_backoff, read_buffer_bytes, buffer_pool)
+        self.client = self._redis.Redis.from_url(url, password=password or None, **self._client_kwargs())
+        self.reader: RespReader | None = self._lean_reader(url, password) if lean_reads else None
+        self._lean = self.reader is not None
+        self._start()
+
+    def _init_common(self, url: str, key_prefix: str, socket_timeout: float, retry_backoff: float,
+                     read_buffer_bytes: int, buffer_pool: BufferPool | None) -> None:
         import redis  # lazy: only deployments with a Redis tier need redis-py
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
 
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"url must start with redis://, rediss:// or unix://, got {url!r}")
@@ -90,18 +117,8 @@ class RedisTier:
         self._backoff0 = float(retry_backoff)
         self._backoff = self._backoff0
         self._down_until = 0.0
-        self.client = redis.Redis.from_url(
-            url, password=password or None, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
-        )
+        self._piece = PIECE
         self.buffers = buffer_pool if buffer_pool is not None else BufferPool(read_buffer_bytes)
-        self.reader: RespReader | None = None  # None: reads through redis-py (TLS, or lean_reads=False)
-        if lean_reads and url.startswith(("redis://", "unix://")):
-            try:
-                self.reader = RespReader(url, password=password, timeout=self._timeout, pool=self.buffers,
-                                         max_value=MAX_VALUE)
-            except ValueError as exc:  # a URL form redis-py reads and the lean reader does not: keep redis-py
-                log.info("redis tier: reads go through redis-py (%s)", exc)
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._pending: dict[str, _Op] = {}
@@ -114,8 +131,31 @@ class RedisTier:
         self._rereads = 0  # pieced reads that did not add up and were read again with one GET
         self._warn = WarnOnce()
         self._closed = False
+
+    def _start(self) -> None:
         self._writer = threading.Thread(target=self._writer_loop, name="lmkv-redis-writer", daemon=True)
         self._writer.start()
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        """redis-py connection settings: every call bounded by the timeout, no retries of its own (see above)."""
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return dict(socket_timeout=self._timeout, socket_connect_timeout=self._timeout, retry=Retry(NoBackoff(), 0),
+                    retry_on_timeout=False, health_check_interval=0)
+
+    def _lean_reader(self, url: str, password: str) -> RespReader | None:
+        """The lean reader for ``url``; None (reads through redis-py) for TLS or a URL form it does not read."""
+        if not url.startswith(("redis://", "unix://")):
+            return None
+        try:
+            reader = RespReader(url, password=password, timeout=self._timeout, pool=self.buffers,
+                                max_value=MAX_VALUE)
+        except ValueError as exc:  # a URL form redis-py reads and the lean reader does not: keep redis-py
+            log.info("redis tier: reads go through redis-py (%s)", exc)
+            return None
+        self._piece = reader.piece
+        return reader
 
     # -- availability --------------------------------------------------------------------------------
     def _rkey(self, key: str) -> str:
@@ -173,13 +213,16 @@ class RedisTier:
                 obj.release()
                 return False
             op = _Op(key, obj, size)
-            if self.reader is not None:
-                self.reader.expect(size)  # what this deployment's values weigh: the first read window needs it
+            self._expect(size)
             self._pending[key] = op
             self._inflight += 1
             self._ops.append(op)
             self._work.notify()
         return True
+
+    def _expect(self, size: int) -> None:
+        if self.reader is not None:
+            self.reader.expect(size)  # what this deployment's values weigh: the first read window needs it
 
     def put_many(self, items: Sequence[tuple[str, Encoded]]) -> None:
         for key, obj in items:
@@ -188,8 +231,7 @@ class RedisTier:
     def remove(self, key: str) -> bool:
         with self._lock:
             prior = self._pending.get(key)
-        found = (prior.obj is not None) if prior is not None else bool(
-            self._call(lambda: self.client.exists(self._rkey(key)), 0))
+        found = (prior.obj is not None) if prior is not None else bool(self._exists_remote([key])[0])
         op = _Op(key, None)
         with self._lock:
             self._pending[key] = op
@@ -226,9 +268,7 @@ class RedisTier:
             with self._lock:
                 live = [op for op in batch if self._pending.get(op.key) is op or op.obj is None]
             if live and self.available():
-                self._send_packed(live)
-                self._ok()
-                sent = live
+                sent = self._send_packed(live)
         except self._errors as exc:
             self._failed(exc)
         except Exception as exc:  # a bug or a server error reply: drop the batch, never kill the writer
@@ -252,28 +292,12 @@ class RedisTier:
                 self._inflight -= len(batch)
                 self._idle.notify_all()
 
-    def _send_packed(self, ops: list[_Op]) -> None:
-        """One pipelined round trip of SET/DEL commands, packed by hand so that each value is ONE bulk string
-        (header then payload, sent as separate buffers): no concatenation in Python, and Redis keeps a large
-        bulk argument as the value without copying it (an APPEND would copy it server-side)."""
-        parts: list[Any] = []
-        small = b""
-        for op in ops:
-            rkey = self._rkey(op.key).encode()
-            if op.obj is None:
-                small += b"*2\r\n$3\r\nDEL\r\n$%d\r\n%s\r\n" % (len(rkey), rkey)
-                continue
-            header = op.obj.header_bytes()
-            payload = op.obj.view()
-            small += b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(rkey), rkey, len(header) + len(payload))
-            parts += [small + header, payload]
-            small = b"\r\n"
-        if small:
-            parts.append(small)
+    def _send_packed(self, ops: list[_Op]) -> list[_Op]:
+        """One pipelined round trip of SET/DEL commands (see :func:`pack_writes`); the ops written."""
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command(parts)
+            conn.send_packed_command(pack_writes(self.prefix, ops))
             for _ in ops:
                 conn.read_response()  # raises on an error reply
         except BaseException:
@@ -281,6 +305,8 @@ class RedisTier:
             raise
         finally:
             pool.release(conn)
+        self._ok()
+        return ops
 
     def _op_release(self, op: _Op) -> None:
         with self._lock:
@@ -324,15 +350,21 @@ class RedisTier:
                                  release=lambda: self._op_release(op), keepalive=op.obj.keepalive)
 
     def contains(self, key: str) -> bool:
-        with self._lock:
-            op = self._pending.get(key)
-            if op is not None:
-                return op.obj is not None
-        return bool(self._call(lambda: self.client.exists(self._rkey(key)), 0))
+        return self.contains_many([key])[0]
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         """Membership of every key in one pipelined round trip (pending writes and removals win)."""
         keys = list(keys)
+        if not keys:
+            return []
+        with self._lock:  # before the round trip: a write that lands meanwhile leaves the pending map
+            ops = [self._pending.get(k) for k in keys]
+        remote = self._exists_remote([k for k, op in zip(keys, ops) if op is None])
+        it = iter(remote)
+        return [(op.obj is not None) if op is not None else bool(next(it)) for op in ops]
+
+    def _exists_remote(self, keys: list[str]) -> list[int]:
+        """EXISTS of every key in one pipelined round trip; 0 for all when the server cannot be asked."""
         if not keys:
             return []
 
@@ -342,16 +374,16 @@ class RedisTier:
                 pipe.exists(self._rkey(k))
             return pipe.execute()
 
-        with self._lock:  # before the round trip: a write that lands meanwhile leaves the pending map
-            ops = [self._pending.get(k) for k in keys]
-        remote = self._call(fetch, None) or [0] * len(keys)
-        return [(op.obj is not None) if op is not None else bool(r) for op, r in zip(ops, remote)]
+        return self._call(fetch, None) or [0] * len(keys)
+
+    def _delete_remote(self, key: str) -> None:
+        self._call(lambda: self.client.delete(self._rkey(key)), 0)
 
     def _corrupt(self, key: str, why: Any) -> None:
         log.warning("redis tier: value of %r is corrupt or foreign (%s); treating it as a miss", key, why)
         with self._lock:
             self._stats.corrupt += 1
-        self._call(lambda: self.client.delete(self._rkey(key)), 0)
+        self._delete_remote(key)
 
     def _decode(self, key: str, value: Any) -> Encoded | None:
         """A redis-py reply (the fallback read path) as an object that owns the reply bytes."""
@@ -394,7 +426,7 @@ class RedisTier:
                 payload = buf.view[hl:]
                 verify_payload(header, payload)
             except CorruptObject as exc:
-                pieced = len(buf.view) > self.reader.piece
+                pieced = len(buf.view) > self._piece
                 buf.release()
                 if pieced and not retried:  # a pieced read is not atomic: read it again in one GET
                     res, retried = self._read_atomic(key), True
@@ -444,7 +476,7 @@ class RedisTier:
         keys = list(keys)
         known = [self._pending_lookup(k) for k in keys]
         remote = [keys[i] for i, (kn, _) in enumerate(known) if not kn]
-        replies = self._lean_objects(remote) if self.reader is not None else self._redis_py_objects(remote)
+        replies = self._lean_objects(remote) if self._lean else self._redis_py_objects(remote)
         n = 0
         try:
             for kn, obj in known:

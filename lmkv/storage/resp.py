@@ -74,6 +74,14 @@ _HINT0 = 16 << 10  # first guess of a value's size, for the window, until a repl
 _MIN_EST = 1 << 10  # a key of unknown size counts at least this much against the window
 
 
+class _Sent:
+    def __repr__(self) -> str:
+        return "SENT"
+
+
+SENT = _Sent()  # what a primed fetch hands over first: its requests are on the wire
+
+
 class ProtocolError(Exception):
     """The server sent something that is not the RESP2 reply expected (the connection is closed)."""
 
@@ -412,12 +420,15 @@ class RespReader:
             it.close()
 
     def fetch(self, rkeys: Sequence[bytes], length_of: Callable[[memoryview], int] | None = None, *,
-              pieces: bool = True) -> Iterator[Result]:
+              pieces: bool = True, primed: bool = False) -> Iterator[Result]:
         """One result per key, in order (see :data:`Result`); each ``PooledBuffer`` belongs to the consumer.
 
         ``length_of(prefix)`` gives a long value's full length from its first :data:`PEEK` bytes (raising
         for a foreign value); without it, or with ``pieces=False``, or on a slow link, every key is one GET.
-        Raises OSError / ProtocolError (the connection is then closed and unread results dropped)."""
+        ``primed``: the first item is :data:`SENT`, handed over as soon as the first requests are written (before
+        any reply is read), so that a caller reading from several servers (a cluster) sends to all of them before
+        it waits on any. Raises OSError / ProtocolError (the connection is then closed and unread results
+        dropped)."""
         rkeys = list(rkeys)
         if not rkeys:
             return
@@ -430,6 +441,10 @@ class RespReader:
         else:
             stream = self._plain(conn, rkeys)
         try:
+            if next(stream) is not SENT:  # pragma: no cover - both streams announce their first write
+                raise ProtocolError("internal: stream did not announce its first write")
+            if primed:
+                yield SENT
             for n, res in enumerate(stream):
                 if n == len(rkeys) - 1:
                     clean = True  # every reply read: reusable even if the consumer stops here
@@ -441,6 +456,7 @@ class RespReader:
     def _plain(self, conn: Connection, rkeys: list[bytes]) -> Iterator[Result]:
         t0 = time.perf_counter()
         conn.sock.sendall(_PING + b"".join(_get(k) for k in rkeys))
+        yield SENT
         conn.pong(t0)
         for _ in rkeys:
             n = conn.bulk_len(1 << 62)
@@ -571,6 +587,8 @@ class RespReader:
                 k.buf = None
 
         try:
+            pump()
+            yield SENT
             last = len(keys) - 1
             for j, k in enumerate(keys):
                 while not k.final or (j == last and inflight):
@@ -590,4 +608,4 @@ class RespReader:
 
 
 __all__ = ["RespReader", "Connection", "Endpoint", "parse_url", "ProtocolError", "AuthError", "ReplyError", "Torn",
-           "PIECE", "WINDOW", "PIPELINE_RTT"]
+           "SENT", "PIECE", "WINDOW", "PIPELINE_RTT"]

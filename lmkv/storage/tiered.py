@@ -74,6 +74,11 @@ class TieredStore:
             tiers.append(MemoryTier(cfg.memory.capacity, policy=cfg.memory.policy, pinned=cfg.memory.pinned,
                                     prefault=cfg.memory.prefault))
             serdes.append(cfg.memory.serde)
+        if cfg.node.enabled:
+            from lmkv.storage.node import NodeTier
+
+            tiers.append(NodeTier(cfg.node.path, cfg.node.capacity, policy=cfg.node.policy, buffer_pool=reads))
+            serdes.append(cfg.node.serde)
         if cfg.disk.enabled:
             from lmkv.storage.disk import DiskTier
 
@@ -85,11 +90,13 @@ class TieredStore:
             from lmkv.storage.redis_tier import RedisTier
 
             r = cfg.redis
+            if r.cluster:
+                from lmkv.storage.redis_cluster import RedisClusterTier as RedisTier  # type: ignore[assignment]
             tiers.append(RedisTier(r.url, password=r.password, key_prefix=r.key_prefix,
                                    socket_timeout=r.socket_timeout, retry_backoff=r.retry_backoff, buffer_pool=reads))
             serdes.append(r.serde)
         if not tiers:
-            raise ValueError("configuration enables no storage tier (memory, disk and redis are all disabled)")
+            raise ValueError("configuration enables no storage tier (memory, node, disk and redis are all disabled)")
         return cls(tiers, serdes, codec_config=cfg.codec)
 
     def tier(self, name: str) -> Tier:
