@@ -159,8 +159,10 @@ class LocalRedisCluster:
         if masters < 3:
             raise ValueError(f"masters must be >= 3 (redis-cli --cluster create needs 3), got {masters}")
         self.cli = shutil.which("redis-cli")
+        # full coverage off: while a master is down (before its replica takes over) the other masters keep
+        # serving their slots; with the default, every node answers CLUSTERDOWN for that time (see docs/storage.md)
         args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(node_timeout_ms)]
+                "--cluster-node-timeout", str(node_timeout_ms), "--cluster-require-full-coverage", "no"]
         # the bus port is explicit: the default (port + 10000) does not exist for ports above 55535
         self.nodes = [LocalRedis(extra_args=[*args, "--cluster-port", str(free_port())], server=server)
                       for _ in range(masters * (1 + replicas))]
