@@ -41,7 +41,9 @@ from lmkv.types import KVGeometry
 NAME = "bench_cluster"
 TARGET = 0.8
 CHUNK = 256
-GEOMETRY = KVGeometry(30, 3, 64, torch.bfloat16)  # SmolLM2-135M: 2.9 MiB per 256-token chunk
+# the latency line: 384 KiB per 256-token chunk (one GET each, below the 512 KiB piece), so that the Python proxy's
+# own throughput (~0.3 GB/s) does not hide the round trips
+GEOMETRY = KVGeometry(6, 2, 32, torch.bfloat16)
 
 
 def _tensor(nbytes: int, seed: int = 0) -> torch.Tensor:
@@ -251,7 +253,7 @@ def plot(rows: list[dict], timeline: list[dict] | None) -> None:
                          markersize=3, label=f"{name}, RTT {rtt:g} ms")
     axes[1].set_xscale("log", base=2)
     axes[1].set_yscale("log")
-    axes[1].set_xlabel("chunks (256 tokens of SmolLM2 KV)")
+    axes[1].set_xlabel("chunks (256 tokens, 384 KiB each)")
     axes[1].set_ylabel("ms per call (median)")
     if lat:
         axes[1].legend(fontsize=6)
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--parts", default="throughput,latency,failover")
     ap.add_argument("--repeats", type=int, default=0)
-    ap.add_argument("--delay-ms", type=float, default=2.0, help="added latency each way for the latency part")
+    ap.add_argument("--delay-ms", type=float, default=5.0, help="added latency each way for the latency part")
     ap.add_argument("--tick-ms", type=float, default=50.0)
     args = ap.parse_args(argv)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
