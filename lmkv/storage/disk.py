@@ -105,6 +105,46 @@ def _read_pieces(fd: int, view: memoryview, pos: int, actual: int, progress: _Pr
         progress.advance(pos, done=True)
 
 
+def read_verified(fd: int, view: memoryview, actual: int, key: str, reader: ThreadPoolExecutor) -> ObjectHeader:
+    """Read the file into ``view`` and check its header (key included) and payload checksum; the header.
+
+    A large object is read by the tier's reader thread piece by piece while this thread hashes the pieces
+    that have landed: the page-cache copy (GIL released) and xxh3 (GIL held) run on two cores at once.
+    """
+    first = min(len(view), _PIECE)  # len(view) >= actual: block-aligned for O_DIRECT
+    got = _pread_into(fd, view, 0, first, actual)
+    if got < min(first, actual):
+        raise CorruptObject(f"short read: {got} of {actual} bytes")
+    header = parse_header(view[:got], available=actual)
+    if header.key != key:
+        raise CorruptObject(f"file holds key {header.key!r}, expected {key!r}")
+    if actual < _OVERLAP_MIN or header.checksum is None:
+        if _pread_into(fd, view, got, len(view), actual) != actual:
+            raise CorruptObject(f"short read of {actual} bytes")
+        verify_payload(header, view[header.header_len:actual])
+        return header
+    progress = _Progress(got)
+    fut = reader.submit(_read_pieces, fd, view, got, actual, progress)
+    try:
+        csum = RunningChecksum(header.checksum_algo)
+        hashed = header.header_len
+        while True:
+            upto, done = progress.wait_past(hashed)
+            if upto > hashed:
+                csum.update(view[hashed:upto])
+                hashed = upto
+            elif done:
+                break
+    finally:
+        futures_wait([fut])  # the reader must be done with fd and view before either goes away
+    fut.result()
+    if hashed != actual:
+        raise CorruptObject(f"short read: {hashed} of {actual} bytes")
+    if csum.value() != header.checksum:
+        raise CorruptObject(f"payload checksum mismatch for key {key!r}")
+    return header
+
+
 class DiskTier(OneByOne):
     name = "disk"
     shared = True  # other processes on this machine see the directory (contains/get adopt their files)
@@ -445,43 +485,7 @@ class DiskTier(OneByOne):
                        on_take=buf.detach)
 
     def _read_verified(self, fd: int, view: memoryview, actual: int, key: str) -> ObjectHeader:
-        """Read the file into ``view`` and check its header and payload checksum; the header.
-
-        A large object is read by the tier's reader thread piece by piece while this thread hashes the pieces
-        that have landed: the page-cache copy (GIL released) and xxh3 (GIL held) run on two cores at once.
-        """
-        first = min(len(view), _PIECE)  # len(view) >= actual: block-aligned for O_DIRECT
-        got = _pread_into(fd, view, 0, first, actual)
-        if got < min(first, actual):
-            raise CorruptObject(f"short read: {got} of {actual} bytes")
-        header = parse_header(view[:got], available=actual)
-        if header.key != key:
-            raise CorruptObject(f"file holds key {header.key!r}, expected {key!r}")
-        if actual < _OVERLAP_MIN or header.checksum is None:
-            if _pread_into(fd, view, got, len(view), actual) != actual:
-                raise CorruptObject(f"short read of {actual} bytes")
-            verify_payload(header, view[header.header_len:actual])
-            return header
-        progress = _Progress(got)
-        fut = self._reader.submit(_read_pieces, fd, view, got, actual, progress)
-        try:
-            csum = RunningChecksum(header.checksum_algo)
-            hashed = header.header_len
-            while True:
-                upto, done = progress.wait_past(hashed)
-                if upto > hashed:
-                    csum.update(view[hashed:upto])
-                    hashed = upto
-                elif done:
-                    break
-        finally:
-            futures_wait([fut])  # the reader must be done with fd and view before either goes away
-        fut.result()
-        if hashed != actual:
-            raise CorruptObject(f"short read: {hashed} of {actual} bytes")
-        if csum.value() != header.checksum:
-            raise CorruptObject(f"payload checksum mismatch for key {key!r}")
-        return header
+        return read_verified(fd, view, actual, key, self._reader)
 
     # -- removal and lifecycle -----------------------------------------------------------------------
     def remove(self, key: str) -> bool:

@@ -206,18 +206,22 @@ class RedisTier:
 
     # -- writes --------------------------------------------------------------------------------------
     def put(self, key: str, obj: Encoded) -> bool:
-        size = obj.header.total_len
         with self._lock:
-            if self._closed or size > MAX_VALUE or not self.available():
-                self._stats.rejected += 1
-                obj.release()
-                return False
-            op = _Op(key, obj, size)
-            self._expect(size)
-            self._pending[key] = op
-            self._inflight += 1
-            self._ops.append(op)
+            accepted = self._queue_put(key, obj)
             self._work.notify()
+        return accepted
+
+    def _queue_put(self, key: str, obj: Encoded) -> bool:
+        size = obj.header.total_len
+        if self._closed or size > MAX_VALUE or not self.available():
+            self._stats.rejected += 1
+            obj.release()
+            return False
+        op = _Op(key, obj, size)
+        self._expect(size)
+        self._pending[key] = op
+        self._inflight += 1
+        self._ops.append(op)
         return True
 
     def _expect(self, size: int) -> None:
@@ -225,8 +229,11 @@ class RedisTier:
             self.reader.expect(size)  # what this deployment's values weigh: the first read window needs it
 
     def put_many(self, items: Sequence[tuple[str, Encoded]]) -> None:
-        for key, obj in items:
-            self.put(key, obj)
+        """Every put queued at once, so that the writer sends them as one pipelined batch (per node)."""
+        with self._lock:
+            for key, obj in items:
+                self._queue_put(key, obj)
+            self._work.notify()
 
     def remove(self, key: str) -> bool:
         with self._lock:

@@ -5,11 +5,15 @@ get the same operations; every result must agree bit for bit, and after every st
 exactly the keys the model says it holds. All values have the same payload size, so the memory pool never
 fragments and its LRU evictions are exactly the model's. The disk tier is big enough never to evict (its
 eviction order is pinned by a deterministic test in test_storage_tiers.py); objects reach Redis only through
-write-through, and are served from it after a rule drops them from the tiers above.
+write-through, and are served from it after a rule drops them from the tiers above (the same with a real Redis
+Cluster as that tier: the cluster tier). With ``node`` the store is
+memory + node tier (host-shared RAM) + disk: the node tier is also big enough never to evict, and survives a
+restart (its files and index outlive the process).
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import uuid
 
@@ -22,8 +26,11 @@ from redis_server import RedisServer
 from lmkv.reference.storage import ReferenceStore
 from lmkv.storage import MemoryTier, TieredStore
 from lmkv.storage.disk import DiskTier
+from lmkv.storage.node import NodeTier, charge
 from lmkv.storage.objects import header_length
+from lmkv.storage.redis_cluster import RedisClusterTier
 from lmkv.storage.redis_tier import RedisTier
+from lmkv.testing import LocalRedisCluster, RedisUnavailable
 
 KEYS = [f"chunk-{i}" for i in range(6)]
 FPS = [b"", b"tokens-a", b"tokens-b"]
@@ -47,6 +54,10 @@ def _disk_size(key: str, item) -> int:
     return header_length(len(item.shape), len(key.encode()), len(item.fingerprint)) + len(item.data)
 
 
+def _node_size(key: str, item) -> int:
+    return charge(_disk_size(key, item))
+
+
 @pytest.fixture(scope="module")
 def redis_url():
     srv = RedisServer().start()
@@ -56,12 +67,17 @@ def redis_url():
 
 class StoreMachine(RuleBasedStateMachine):
     redis_url: str | None = None
+    cluster: bool = False  # redis_url names a node of a Redis Cluster: the cluster tier
+    node: bool = False
 
     @initialize()
     def setup(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="lmkv-sm-")
         self.prefix = f"sm-{uuid.uuid4().hex[:8]}:"
         tiers = [("memory", MEM_OBJECTS * PAYLOAD, _mem_size, False), ("disk", 1 << 30, _disk_size, True)]
+        if self.node:
+            self.node_dir = tempfile.mkdtemp(prefix="lmkv-sm-node-")
+            tiers.insert(1, ("node", 1 << 30, _node_size, True))
         if self.redis_url:
             tiers.append(("redis", 1 << 30, _disk_size, True))
         self.model = ReferenceStore(tiers)
@@ -69,14 +85,19 @@ class StoreMachine(RuleBasedStateMachine):
 
     def _open(self) -> TieredStore:
         tiers = [MemoryTier(MEM_OBJECTS * PAYLOAD), DiskTier(self.dir, 1 << 30, io_threads=2)]
+        if self.node:
+            tiers.insert(1, NodeTier(self.node_dir, 1 << 30))
         if self.redis_url:
-            tiers.append(RedisTier(self.redis_url, key_prefix=self.prefix, socket_timeout=2.0))
+            kind = RedisClusterTier if self.cluster else RedisTier
+            tiers.append(kind(self.redis_url, key_prefix=self.prefix, socket_timeout=2.0))
         return TieredStore(tiers)
 
     def teardown(self) -> None:
         if hasattr(self, "store"):
             self.store.assert_no_leaks()
             self.store.close()
+        if hasattr(self, "node_dir"):
+            shutil.rmtree(self.node_dir, ignore_errors=True)
 
     @rule(key=st.sampled_from(KEYS), seed=st.integers(0, 3), fp=st.sampled_from(FPS),
           dtype=st.sampled_from(list(SHAPES)))
@@ -149,15 +170,49 @@ class StoreMachine(RuleBasedStateMachine):
         assert set(mem.keys()) == self.model.keys("memory")
         assert mem.usage_bytes() <= mem.capacity_bytes()
         assert set(self.store.tier("disk").keys()) == self.model.keys("disk")
+        if self.node:
+            node = self.store.tier("node")
+            assert set(node.keys()) == self.model.keys("node")
+            assert node.usage_bytes() <= node.capacity_bytes()
         if self.redis_url:
             have = self.store.tier("redis").contains_many(KEYS)
             assert {k for k, h in zip(KEYS, have) if h} == self.model.keys("redis")
+
+
+class StoreMachineNode(StoreMachine):
+    node = True
+
+    @rule(key=st.sampled_from(KEYS))
+    def drop_from_node(self, key: str) -> None:
+        self.store.tier("node").remove(key)
+        self.model.drop("node", key)
 
 
 def test_store_matches_reference_memory_disk() -> None:
     run_state_machine_as_test(StoreMachine)
 
 
+def test_store_matches_reference_memory_node_disk() -> None:
+    run_state_machine_as_test(StoreMachineNode)
+
+
 def test_store_matches_reference_with_redis(redis_url: str) -> None:
     machine = type("StoreMachineRedis", (StoreMachine,), {"redis_url": redis_url})
+    run_state_machine_as_test(machine)
+
+
+@pytest.fixture(scope="module")
+def cluster_url():
+    c = LocalRedisCluster()
+    try:
+        c.start()
+    except RedisUnavailable as exc:
+        pytest.skip(str(exc))
+    yield c.url
+    c.cleanup()
+
+
+def test_store_matches_reference_with_a_redis_cluster(cluster_url: str) -> None:
+    """The same machine with the cluster tier (3 masters, 3 replicas) as the shared tier."""
+    machine = type("StoreMachineCluster", (StoreMachine,), {"redis_url": cluster_url, "cluster": True})
     run_state_machine_as_test(machine)
