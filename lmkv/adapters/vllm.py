@@ -22,12 +22,12 @@ feature detection.
 
 Processes. vLLM runs the scheduler connector (EngineCore) and the worker connector (Worker) in different
 processes by default, so the scheduler cannot ask the worker's RAM tier what it holds. The scheduler builds
-its own engine over the *shared* tiers only (disk probed by file, Redis) and answers lookups from them; the
-worker loads from every tier. A lookup can therefore only over-promise when an object vanishes or is corrupt
-between lookup and load: the worker reports the blocks it could not fill (``get_block_ids_with_load_errors``)
-and vLLM recomputes them (use ``kv_load_failure_policy="recompute"``). When both roles live in one process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0`` with the uni executor) they share one engine through a module registry,
-RAM tier included. See docs/vllm.md.
+its own engine over the *shared* tiers only (the node tier's host-shared RAM, disk probed by file, Redis) and
+answers lookups from them; the worker loads from every tier. A lookup can therefore only over-promise when an
+object vanishes or is corrupt between lookup and load: the worker reports the blocks it could not fill
+(``get_block_ids_with_load_errors``) and vLLM recomputes them (use ``kv_load_failure_policy="recompute"``). When
+both roles live in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` with the uni executor) they share one
+engine through a module registry, RAM tier included. See docs/vllm.md.
 """
 
 from __future__ import annotations
@@ -381,6 +381,7 @@ class LmkvConnector(KVConnectorBase_V1):
         for spec in meta.loads:
             t0 = time.perf_counter()
             valid = spec.skip
+            tiers: dict[str, int] = {}
             try:
                 extent = len(spec.token_ids)
                 slots = slot_mapping_for(spec.block_ids, self.block_size, extent, lo=spec.skip, hi=spec.end)
@@ -388,6 +389,7 @@ class LmkvConnector(KVConnectorBase_V1):
                 n = self._engine.retrieve_paged(spec.token_ids, self._kv, slots,
                                                 start=start, end=extent)
                 valid = max(spec.skip, min(int(n), spec.end))
+                tiers = self._engine.last_tiers()
             except Exception as exc:  # noqa: BLE001 - a failed load is recomputed, never served
                 log.warning("LmkvConnector: load of request %s failed (%s: %s); vLLM will recompute it",
                             spec.req_id, type(exc).__name__, exc)
@@ -399,7 +401,7 @@ class LmkvConnector(KVConnectorBase_V1):
                 log.warning("LmkvConnector: request %s loaded %d of %d tokens; %d blocks will be recomputed",
                             spec.req_id, valid - spec.skip, spec.end - spec.skip, len(failed))
             self._event("load", req=spec.req_id, skip=spec.skip, end=spec.end, extent=len(spec.token_ids),
-                        loaded=valid - spec.skip, failed_blocks=len(failed), s=time.perf_counter() - t0)
+                        loaded=valid - spec.skip, failed_blocks=len(failed), tiers=tiers, s=time.perf_counter() - t0)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous and complete when start_load_kv returns
@@ -463,9 +465,9 @@ class LmkvConnector(KVConnectorBase_V1):
         if self._registry.get(self._engine_id, 0) is not None:
             return
         cfg = self.lmkv_config
-        if not (cfg.disk.enabled or cfg.redis.enabled):
-            log.warning("LmkvConnector: only a RAM tier is configured; a scheduler in another process than the "
-                        "worker cannot see it, so lookups will miss (enable the disk or redis tier)")
+        if not (cfg.node.enabled or cfg.disk.enabled or cfg.redis.enabled):
+            log.warning("LmkvConnector: only a process RAM tier is configured; a scheduler in another process than "
+                        "the worker cannot see it, so lookups will miss (enable the node, disk or redis tier)")
             return
         from lmkv.engine import KVEngine
 
@@ -486,7 +488,7 @@ class LmkvConnector(KVConnectorBase_V1):
         plan = self._plans.get(rid)
         if plan is None:
             plan = self._plans[rid] = eng.plan(tokens)
-        # Another process's RAM is invisible: the probe engine asks only the tiers both see (disk files, Redis).
+        # Another process's RAM is invisible: the probe engine asks only the tiers both see (node, disk, Redis).
         return int(eng.lookup(plan, shared_only=shared_only))
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:

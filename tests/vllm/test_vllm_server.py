@@ -13,7 +13,8 @@ Per setup, three servers in turn (each its own process group, on a free loopback
 1. ``plain``: vLLM without a connector: the reference texts.
 2. ``lmkv``: a fresh lmkv disk directory; every prompt cold (stores; later prompts already hit the chunks
    earlier ones share), then every prompt again (warm: loaded from lmkv, vLLM's prefix cache is off).
-3. ``fresh``: a new server whose only tier is that disk directory: every prompt loads from it.
+3. ``fresh``: a new server whose only tier is that disk directory (the node tier's directory for tiny-d64): every
+   prompt loads from it.
 
 Exact equality needs vLLM to split the computation alike in all three (bf16 rounds differently when a step
 computes a different number of tokens; that is vLLM's own arithmetic, not lmkv's KV). So prefill runs in steps
@@ -160,11 +161,16 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     disk = str(work / "disk")
     plain = _serve(model, dtype, None, work / "plain.log", [""], ids)
     lmkv_events, fresh_events = work / "lmkv.events.jsonl", work / "fresh.events.jsonl"
-    lmkv = _serve(model, dtype, {"chunk_size": CHUNK, "disk": {"path": disk}, "memory": {"capacity": "256MiB"},
+    # tiny-d64 keeps its KV in the node tier (host-shared RAM, no disk): the scheduler process looks it up there
+    # and the fresh server is served from it; the other setups go through the disk tier
+    node = {"enabled": True, "path": str(work / "node"), "capacity": "512MiB"} if name == "tiny-d64" else None
+    shared = {"node": node, "disk": {"enabled": False}} if node else {"disk": {"path": disk}}
+    lmkv = _serve(model, dtype, {"chunk_size": CHUNK, **shared, "memory": {"capacity": "256MiB"},
                                  "events_path": str(lmkv_events)}, work / "lmkv.log", ["cold", "warm"], ids)
-    fresh = _serve(model, dtype, {"chunk_size": CHUNK, "disk": {"path": disk}, "memory": {"enabled": False},
+    fresh = _serve(model, dtype, {"chunk_size": CHUNK, **shared, "memory": {"enabled": False},
                                   "events_path": str(fresh_events)}, work / "fresh.log", ["fresh"], ids)
-    return {"dtype": dtype, "model": name, "ids": ids, "plain": plain, "lmkv": lmkv, "fresh": fresh,
+    return {"dtype": dtype, "model": name, "ids": ids, "shared_tier": "node" if node else "disk", "plain": plain,
+            "lmkv": lmkv, "fresh": fresh,
             "lmkv_events": _events(lmkv_events), "fresh_events": _events(fresh_events)}
 
 
@@ -191,9 +197,10 @@ def test_loads_end_inside_blocks_where_planned(served: dict[str, Any]) -> None:
     ids = served["ids"]
     n = {name: len(v) for name, v in ids.items()}
     assert len(_loads(served["fresh_events"])) == len(n)
-    for name, length in n.items():  # the fresh server loads every prompt but its last token, all from disk
+    for name, length in n.items():  # the fresh server loads every prompt but its last token, all from disk/node
         (load,) = [e for e in _loads(served["fresh_events"]) if e["end"] == length - 1 and e["extent"] == length]
         assert (load["skip"], load["loaded"], load["failed_blocks"]) == (0, length - 1, 0), name
+        assert set(load["tiers"]) == {served["shared_tier"]}, (name, load["tiers"])  # what served it
     ends = {e["end"] for e in _loads(served["lmkv_events"])}
     # cold shares_prefix hit short_of_block's first 6 chunks; cold extends hit past_chunk's first chunk
     assert {6 * CHUNK, CHUNK} <= ends
