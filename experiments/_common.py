@@ -162,3 +162,32 @@ def report(name: str, rows: list[dict[str, Any]], columns: Sequence[str], title:
 def small() -> bool:
     """True when an experiment should run at test sizes (``LMKV_SMALL=1`` or ``LMKV_NOTEBOOK_SMALL=1``)."""
     return os.environ.get("LMKV_SMALL") == "1" or os.environ.get("LMKV_NOTEBOOK_SMALL") == "1"
+
+
+def plot_ratio_bars(rows: list[dict[str, Any]], labels: list[str], *, name: str, title: str, baseline: str,
+                    candidate: str, target: float, log_y: bool = False) -> Path:
+    """Two panels over ``rows`` (each with ``baseline_gbps``, ``lmkv_gbps``, ``ratio``, ``target_met``): GB/s of
+    baseline and candidate side by side, and their ratio against ``target``; saved as ``results/<name>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, len(rows) * 1.2), 7.5))
+    x = range(len(rows))
+    ax1.bar([i - 0.2 for i in x], [r["baseline_gbps"] for r in rows], 0.4, label=baseline)
+    ax1.bar([i + 0.2 for i in x], [r["lmkv_gbps"] for r in rows], 0.4, label=candidate)
+    ax1.set_ylabel("GB/s (median)")
+    if log_y:
+        ax1.set_yscale("log")
+    ax1.set_xticks(list(x), labels, fontsize=7)
+    ax1.legend()
+    ax2.bar(list(x), [r["ratio"] for r in rows], color=["tab:green" if r["target_met"] else "tab:red" for r in rows])
+    ax2.axhline(target, color="k", linestyle="--", label=f"target {target:g}")
+    ax2.set_ylabel(f"{candidate} / baseline")
+    ax2.set_xticks(list(x), labels, fontsize=7)
+    ax2.legend()
+    fig.suptitle(title)
+    path = save_plot(fig, name)
+    plt.close(fig)
+    return path

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from experiments._common import alternate, median, print_table, save_plot, small, write_rows
+from experiments._common import alternate, median, plot_ratio_bars, print_table, small, write_rows
 from lmkv.storage.node import NodeTier
 from lmkv.storage.serde import RawSerde
 
@@ -172,27 +172,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def plot(rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [f"{r['op'].replace(' (', chr(10) + '(')}\n{r['size_mib']:g} MiB" for r in rows]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, len(rows) * 1.6), 8))
-    x = range(len(rows))
-    ax1.bar([i - 0.2 for i in x], [r["baseline_gbps"] for r in rows], 0.4, label="raw tmpfs I/O")
-    ax1.bar([i + 0.2 for i in x], [r["lmkv_gbps"] for r in rows], 0.4, label="NodeTier")
-    ax1.set_ylabel("GB/s (median)")
-    ax1.set_xticks(list(x), labels, fontsize=7)
-    ax1.legend()
-    ax2.bar(list(x), [r["ratio"] for r in rows], color=["tab:green" if r["target_met"] else "tab:red" for r in rows])
-    ax2.axhline(TARGET, color="k", linestyle="--", label="target 0.8")
-    ax2.set_ylabel("lmkv / baseline")
-    ax2.set_xticks(list(x), labels, fontsize=7)
-    ax2.legend()
-    fig.suptitle("node tier (tmpfs + shared SQLite index): put/get vs raw file I/O (same run, interleaved)")
-    save_plot(fig, NAME)
-    plt.close(fig)
+    plot_ratio_bars(rows, labels, name=NAME, baseline="raw tmpfs I/O", candidate="NodeTier", target=TARGET,
+                    title="node tier (tmpfs + shared SQLite index): put/get vs raw file I/O (same run, interleaved)")
 
 
 if __name__ == "__main__":

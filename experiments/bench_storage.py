@@ -44,8 +44,8 @@ from experiments._common import (
     alternate_prepared,
     drop_cache,
     median,
+    plot_ratio_bars,
     print_table,
-    save_plot,
     small,
     write_rows,
 )
@@ -235,28 +235,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def plot(rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [f"{r['tier']}\n{r['op']}\n{r['size_mib']:g} MiB" for r in rows]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, len(rows) * 0.8), 7))
-    x = range(len(rows))
-    ax1.bar([i - 0.2 for i in x], [r["baseline_gbps"] for r in rows], 0.4, label="raw baseline")
-    ax1.bar([i + 0.2 for i in x], [r["lmkv_gbps"] for r in rows], 0.4, label="lmkv tier")
-    ax1.set_ylabel("GB/s (median)")
-    ax1.set_yscale("log")
-    ax1.set_xticks(list(x), labels, fontsize=7)
-    ax1.legend()
-    ax2.bar(list(x), [r["ratio"] for r in rows], color=["tab:green" if r["target_met"] else "tab:red" for r in rows])
-    ax2.axhline(TARGET, color="k", linestyle="--", label="target 0.8")
-    ax2.set_ylabel("lmkv / baseline")
-    ax2.set_xticks(list(x), labels, fontsize=7)
-    ax2.legend()
-    fig.suptitle("storage tiers: put/get throughput vs raw baselines (same run, interleaved)")
-    save_plot(fig, NAME)
-    plt.close(fig)
+    plot_ratio_bars(rows, labels, name=NAME, baseline="raw baseline", candidate="lmkv tier", target=TARGET,
+                    log_y=True, title="storage tiers: put/get throughput vs raw baselines (same run, interleaved)")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,14 @@ class TierStats:
     corrupt: int = 0
     errors: int = 0
 
+    def count_read(self, obj: Encoded | None) -> None:
+        """A hit (and its bytes) or a miss; the caller holds its tier's lock."""
+        if obj is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+            self.bytes_read += obj.header.total_len
+
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 

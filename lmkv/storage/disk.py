@@ -42,12 +42,18 @@ _BLOCK = 4096
 
 
 def _write_all(fd: int, bufs: list) -> None:
-    """Write every buffer fully (tests monkeypatch this to inject ENOSPC)."""
-    for buf in bufs:
-        mv = memoryview(buf).cast("B")
-        while len(mv):
-            n = os.write(fd, mv)
-            mv = mv[n:]
+    """Write every buffer fully with writev (tests monkeypatch this to inject ENOSPC; the node tier uses it)."""
+    views = [memoryview(b).cast("B") for b in bufs]
+    views = [v for v in views if len(v)]
+    while views:
+        n = os.writev(fd, views)
+        while n and views:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
 
 
 @dataclass(eq=False)

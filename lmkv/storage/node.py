@@ -100,7 +100,7 @@ from pathlib import Path
 from lmkv.errors import CorruptObject
 from lmkv.storage.base import OneByOne, TierStats, WarnOnce, log
 from lmkv.storage.buffers import BufferPool
-from lmkv.storage.disk import read_verified
+from lmkv.storage.disk import _write_all, read_verified
 from lmkv.storage.objects import Encoded
 from lmkv.storage.policy import POLICIES
 
@@ -140,21 +140,6 @@ _SCHEMA = [
 def charge(total_len: int) -> int:
     """Bytes an object of ``total_len`` bytes occupies in tmpfs (whole pages; at least one)."""
     return max(PAGE, (total_len + PAGE - 1) // PAGE * PAGE)
-
-
-def _write_all(fd: int, bufs: list) -> None:
-    """Write every buffer fully with writev (tests monkeypatch this to inject ENOSPC)."""
-    views = [memoryview(b).cast("B") for b in bufs]
-    views = [v for v in views if len(v)]
-    while views:
-        n = os.writev(fd, views)
-        while n and views:
-            if n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
 
 
 def _unlink(path: str) -> None:
@@ -732,13 +717,9 @@ class NodeTier(OneByOne):
         except sqlite3.Error as exc:
             self._warn("read", "node tier: index read failed (%s); treating %r as a miss", exc, key)
         with self._lock:
-            if obj is None:
-                self._stats.misses += 1
-            else:
-                self._stats.hits += 1
-                self._stats.bytes_read += obj.header.total_len
-                if self._touching:
-                    self._touches[key] = time.time_ns()
+            self._stats.count_read(obj)
+            if obj is not None and self._touching:
+                self._touches[key] = time.time_ns()
         return obj
 
     def _get_published(self, key: str, row: tuple[int, int, int] | None) -> Encoded | None:

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 from lmkv.storage.base import log
 from lmkv.storage.buffers import BufferPool
 from lmkv.storage.objects import Encoded
-from lmkv.storage.redis_tier import _MAX_BACKOFF, RedisTier, _claimed_length, _Op, pack_writes
+from lmkv.storage.redis_tier import _MAX_BACKOFF, RedisTier, _claimed_length, _Op, close_quietly, pack_writes
 from lmkv.storage.resp import ProtocolError, ReplyError, RespReader
 
 _POLL_DEGRADED = 0.25  # seconds between slot-map refreshes while a node is down or the cluster unreachable
@@ -65,12 +65,7 @@ class _Node:
         return time.monotonic() >= self.down_until
 
     def close(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
-        try:
-            self.client.close()
-        except Exception:  # pragma: no cover - closing a broken connection
-            pass
+        close_quietly(self.reader, self.client)
 
 
 class RedisClusterTier(RedisTier):

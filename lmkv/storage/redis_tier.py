@@ -80,6 +80,17 @@ def pack_writes(prefix: str, ops: Sequence[_Op]) -> list[Any]:
     return parts
 
 
+def close_quietly(reader: RespReader | None, client: Any) -> None:
+    """Close a lean reader and a redis-py client (None: nothing to close); a broken connection is no error."""
+    if reader is not None:
+        reader.close()
+    try:
+        if client is not None:
+            client.close()
+    except Exception:  # pragma: no cover - closing a broken connection
+        pass
+
+
 @dataclass(eq=False)
 class _Op:
     key: str
@@ -457,11 +468,7 @@ class RedisTier:
 
     def _count(self, obj: Encoded | None) -> None:
         with self._lock:
-            if obj is None:
-                self._stats.misses += 1
-            else:
-                self._stats.hits += 1
-                self._stats.bytes_read += obj.header.total_len
+            self._stats.count_read(obj)
 
     def get(self, key: str) -> Encoded | None:
         it = self.iter_many([key])
@@ -573,9 +580,4 @@ class RedisTier:
             self._stopping = True
             self._work.notify_all()
         self._writer.join(timeout=5.0)
-        if self.reader is not None:
-            self.reader.close()
-        try:
-            self.client.close()
-        except Exception:  # pragma: no cover - closing a broken connection
-            pass
+        close_quietly(self.reader, self.client)
