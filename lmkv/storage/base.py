@@ -59,6 +59,33 @@ class Tier(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(eq=False)
+class Queued:
+    """A write (or, with ``obj`` None, a removal) a tier accepted and has not finished. Its source object has one
+    reference for the writer and one per reader of the pending object (read-your-writes): whoever drops the last
+    one releases it (often a pinned view of the memory tier)."""
+
+    key: str
+    obj: Encoded | None
+    size: int = 0  # bytes the tier accounts for it
+    refs: int = 1
+
+    def lease(self, lock: threading.RLock | threading.Lock) -> Encoded:
+        """The pending object for a reader, holding a reference (``lock``: the tier's, held or not)."""
+        assert self.obj is not None
+        with lock:
+            self.refs += 1
+        obj = self.obj
+        return Encoded(obj.header, obj.payload, owned=False, release=lambda: self.drop(lock), keepalive=obj.keepalive)
+
+    def drop(self, lock: threading.RLock | threading.Lock) -> None:
+        with lock:
+            self.refs -= 1
+            last = self.refs == 0
+        if last and self.obj is not None:
+            self.obj.release()
+
+
 @dataclass
 class TierStats:
     hits: int = 0

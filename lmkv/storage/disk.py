@@ -29,11 +29,10 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmkv.errors import CorruptObject
-from lmkv.storage.base import OneByOne, TierStats, WarnOnce, log
+from lmkv.storage.base import OneByOne, Queued, TierStats, WarnOnce, log
 from lmkv.storage.buffers import BufferPool
 from lmkv.storage.objects import MAX_HEADER, Encoded, ObjectHeader, RunningChecksum, parse_header, verify_payload
 from lmkv.storage.policy import make_policy
@@ -56,13 +55,7 @@ def _write_all(fd: int, bufs: list) -> None:
                 n = 0
 
 
-@dataclass(eq=False)
-class _Job:
-    key: str
-    obj: Encoded
-    size: int
-    refs: int = 1  # the writer's reference; readers of the pending object add theirs
-    done: bool = field(default=False)
+_Job = Queued
 
 
 _STALE_TMP_S = 600.0
@@ -361,17 +354,10 @@ class DiskTier(OneByOne):
                     self._usage -= job.size
             # Release the source (often a pinned view of the memory tier) before flush can see this write done:
             # otherwise flush returns while the pin is still held (a flaky "slots still pinned" in tests).
-            self._job_release(job)
+            job.drop(self._lock)
             with self._lock:
                 self._inflight -= 1
                 self._idle.notify_all()
-
-    def _job_release(self, job: _Job) -> None:
-        with self._lock:
-            job.refs -= 1
-            last = job.refs == 0
-        if last:
-            job.obj.release()
 
     def _worker(self) -> None:
         while True:
@@ -425,11 +411,9 @@ class DiskTier(OneByOne):
         with self._lock:
             job = self._pending.get(key)
             if job is not None:
-                job.refs += 1
                 self._stats.hits += 1
                 self._stats.bytes_read += job.size
-                return Encoded(job.obj.header, job.obj.payload, owned=False,
-                               release=lambda: self._job_release(job), keepalive=job.obj.keepalive)
+                return job.lease(self._lock)
             size = self._index.get(key)
         if size is None and self._adopt(key):
             with self._lock:

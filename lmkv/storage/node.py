@@ -94,11 +94,10 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from lmkv.errors import CorruptObject
-from lmkv.storage.base import OneByOne, TierStats, WarnOnce, log
+from lmkv.storage.base import OneByOne, Queued, TierStats, WarnOnce, log
 from lmkv.storage.buffers import BufferPool
 from lmkv.storage.disk import _write_all, read_verified
 from lmkv.storage.objects import Encoded
@@ -156,12 +155,7 @@ def _ino(path: str) -> int | None:
         return None
 
 
-@dataclass(eq=False)
-class _Job:
-    key: str
-    obj: Encoded
-    size: int  # bytes charged
-    refs: int = 1  # the writer's reference; readers of the pending object add theirs
+_Job = Queued  # size: the bytes charged
 
 
 class _NotThatFile(Exception):
@@ -595,7 +589,7 @@ class NodeTier(OneByOne):
                 if self._pending.get(job.key) is job:
                     del self._pending[job.key]
             # release the source (often a pinned view of the memory tier) before flush can see this write done
-            self._job_release(job)
+            job.drop(self._lock)
             with self._lock:
                 self._inflight -= 1
                 self._idle.notify_all()
@@ -626,13 +620,6 @@ class NodeTier(OneByOne):
                 db.execute("DELETE FROM entries WHERE id = ? AND ready = 0", (rid,))
         except (OSError, sqlite3.Error) as exc:
             self._warn("abandon", "node tier: cannot undo a failed write (%s); the next opener recovers it", exc)
-
-    def _job_release(self, job: _Job) -> None:
-        with self._lock:
-            job.refs -= 1
-            last = job.refs == 0
-        if last:
-            job.obj.release()
 
     def _worker(self) -> None:
         while True:
@@ -706,11 +693,9 @@ class NodeTier(OneByOne):
         with self._lock:
             job = self._pending.get(key)
             if job is not None:
-                job.refs += 1
                 self._stats.hits += 1
                 self._stats.bytes_read += job.obj.header.total_len
-                return Encoded(job.obj.header, job.obj.payload, owned=False,
-                               release=lambda: self._job_release(job), keepalive=job.obj.keepalive)
+                return job.lease(self._lock)
         obj = None
         try:
             obj = self._get_published(key, self._lookup(key))

@@ -33,11 +33,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from lmkv.errors import CorruptObject
-from lmkv.storage.base import TierStats, WarnOnce, log
+from lmkv.storage.base import Queued, TierStats, WarnOnce, log
 from lmkv.storage.buffers import BufferPool, PooledBuffer
 from lmkv.storage.objects import MAGIC, Encoded, parse_header, verify_payload, writable_view
 from lmkv.storage.resp import PIECE, ProtocolError, ReplyError, RespReader, Torn
@@ -91,12 +90,7 @@ def close_quietly(reader: RespReader | None, client: Any) -> None:
         pass
 
 
-@dataclass(eq=False)
-class _Op:
-    key: str
-    obj: Encoded | None  # None: a removal (tombstone)
-    size: int = 0
-    refs: int = 1
+_Op = Queued  # obj None: a removal (tombstone)
 
 
 class RedisTier:
@@ -305,7 +299,7 @@ class RedisTier:
                     if self._pending.get(op.key) is op:
                         del self._pending[op.key]
             for op in batch:  # release the sources (memory-tier pins) before flush can see the batch done
-                self._op_release(op)
+                op.drop(self._lock)
             with self._lock:
                 self._inflight -= len(batch)
                 self._idle.notify_all()
@@ -325,13 +319,6 @@ class RedisTier:
             pool.release(conn)
         self._ok()
         return ops
-
-    def _op_release(self, op: _Op) -> None:
-        with self._lock:
-            op.refs -= 1
-            last = op.refs == 0
-        if last and op.obj is not None:
-            op.obj.release()
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait for every queued write/removal. The caller sends queued batches itself rather than waiting
@@ -363,9 +350,7 @@ class RedisTier:
                 return False, None
             if op.obj is None:
                 return True, None
-            op.refs += 1
-            return True, Encoded(op.obj.header, op.obj.payload, owned=False,
-                                 release=lambda: self._op_release(op), keepalive=op.obj.keepalive)
+            return True, op.lease(self._lock)
 
     def contains(self, key: str) -> bool:
         return self.contains_many([key])[0]
