@@ -21,6 +21,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from tier_helpers import encode, random_bytes, read
 
 import lmkv.storage.node as node_mod
 from lmkv.config import load
@@ -32,21 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = [HealthCheck.function_scoped_fixture]
 
 
-def _kv(n_bytes: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n_bytes,), generator=g, dtype=torch.uint8)
-
-
-def _enc(key: str, kv: torch.Tensor, fp: bytes = b""):
-    return RawSerde().encode(key, kv, fp)
-
-
-def _read(tier, key: str) -> torch.Tensor | None:
-    obj = tier.get(key)
-    if obj is None:
-        return None
-    with obj:
-        return RawSerde().decode(obj)
+_kv, _enc, _read = random_bytes, encode, read
 
 
 def _size(n_bytes: int, key: str = "k", fp: bytes = b"") -> int:

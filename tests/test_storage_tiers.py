@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tier_helpers import encode, random_bytes, read
 
 import lmkv.storage.disk as disk_mod
 from lmkv.storage.disk import DiskTier
@@ -23,21 +24,7 @@ from lmkv.storage.serde import RawSerde
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _kv(n_bytes: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n_bytes,), generator=g, dtype=torch.uint8)
-
-
-def _enc(key: str, kv: torch.Tensor, fp: bytes = b""):
-    return RawSerde().encode(key, kv, fp)
-
-
-def _read(tier, key: str) -> torch.Tensor | None:
-    obj = tier.get(key)
-    if obj is None:
-        return None
-    with obj:
-        return RawSerde().decode(obj)
+_kv, _enc, _read = random_bytes, encode, read
 
 
 # -- memory tier -------------------------------------------------------------------------------------------
