@@ -366,3 +366,41 @@ def test_a_whole_cluster_down_is_misses_then_it_serves_again(cluster: LocalRedis
             time.sleep(0.1)
     finally:
         tier.close()
+
+
+def test_a_slot_migrating_and_moved_is_followed_by_ask_and_moved(shared: LocalRedisCluster) -> None:
+    """A slot resharded under a running tier: while it migrates, the old master answers ASK for a key already
+    moved (the tier asks the new master with ASKING); once the slot is assigned, MOVED (the tier follows it and
+    re-reads the slot map). Every read is exact and nothing raises."""
+    tier = _tier(shared.url)
+    try:
+        key, kv = "migrating", _kv(11, 70_000)
+        tier.put(key, RawSerde().encode(key, kv, b""))
+        tier.flush()
+        rkey = (tier.prefix + key).encode()
+        slot = key_slot(rkey)
+        masters = shared.masters()
+        src = next(m for m in masters if slot in _slots(m))
+        dst = next(m for m in masters if m is not src)
+        a, b = redis.Redis(port=src.port), redis.Redis(port=dst.port)
+        src_id, dst_id = a.cluster("myid").decode(), b.cluster("myid").decode()
+        b.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        a.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        a.execute_command("MIGRATE", "127.0.0.1", dst.port, rkey, 0, 5000)
+        before = tier.stats()["redirects"]
+        assert torch.equal(_read(tier, [key])[0], kv)  # ASK: the key is on dst, the slot still src's
+        assert tier.contains_many([key]) == [True]
+        assert tier.stats()["redirects"] >= before + 2
+        for m in masters:  # the migration ends: dst owns the slot
+            redis.Redis(port=m.port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        assert torch.equal(_read(tier, [key])[0], kv)  # MOVED (or the re-read slot map) leads to dst
+        tier.put(key, RawSerde().encode(key, _kv(12, 70_000), b""))  # a write follows it too
+        tier.flush()
+        deadline = time.monotonic() + 10
+        while (got := _read(tier, [key])[0]) is None or not torch.equal(got, _kv(12, 70_000)):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert b.exists(rkey)  # on the new owner (the old one answers MOVED for it now)
+        assert tier.stats()["errors"] == 0
+    finally:
+        tier.close()
