@@ -160,6 +160,21 @@ def test_round_trip_is_exact_and_spreads_over_the_masters(shared: LocalRedisClus
         tier.close()
 
 
+def test_the_redis_py_read_path_is_exact_too(shared: LocalRedisCluster) -> None:
+    """``lean_reads=False`` (what ``rediss://`` uses): GETs through redis-py connections, one stream per node."""
+    tier = _tier(shared.url, lean_reads=False)
+    try:
+        keys = [f"py-{i}" for i in range(20)]
+        kvs = [_kv(i, 3000 + 997 * i) for i in range(20)]
+        tier.put_many([(k, RawSerde().encode(k, v, b"")) for k, v in zip(keys, kvs)])
+        tier.flush()
+        got = _read(tier, keys + ["absent"])
+        assert got[-1] is None and all(g is not None and torch.equal(g, v) for g, v in zip(got, kvs))
+        assert tier.contains_many(keys[:3] + ["absent"]) == [True, True, True, False]
+    finally:
+        tier.close()
+
+
 def test_keys_spread_evenly_over_every_master(shared: LocalRedisCluster) -> None:
     tier = _tier(shared.url)
     keys = [uuid.uuid5(uuid.NAMESPACE_OID, str(i)).hex for i in range(300)]  # content-address-like keys

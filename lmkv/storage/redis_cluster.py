@@ -332,22 +332,27 @@ class RedisClusterTier(RedisTier):
 
     # -- lookups and removals ------------------------------------------------------------------------
     def _exists_remote(self, keys: list[str]) -> list[int]:
-        from redis.exceptions import AskError
+        return [int(r) if isinstance(r, int) else 0 for r in self._per_key("EXISTS", keys)]
 
-        out = [0] * len(keys)
+    def _per_key(self, command: str, keys: list[str]) -> list[Any]:
+        """``command <key>`` for every key: each node's commands written before any reply is read, MOVED/ASK
+        followed once; the reply per key, None where the node failed or answered with an error."""
+        from redis.exceptions import AskError, ResponseError
+
+        out: list[Any] = [None] * len(keys)
         _, groups = self._by_owner(keys)
-        conns = [self._write_to(node, [self._pack_exists(keys, idx)])
-                 for node, idx in groups.items()]
+        cmd = command.encode()
+        conns = []
+        for node, idx in groups.items():
+            rkeys = [self._rkey(keys[i]).encode() for i in idx]
+            packed = b"".join(b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(cmd), cmd, len(k), k) for k in rkeys)
+            conns.append(self._write_to(node, [packed]))
         for (node, idx), conn in zip(groups.items(), conns):
             for i, reply in zip(idx, self._read_replies(node, conn, len(idx))):
-                if isinstance(reply, AskError):
-                    reply = self._redirect(reply, "EXISTS", self._rkey(keys[i]))
-                out[i] = int(reply) if isinstance(reply, int) else 0
+                if isinstance(reply, AskError):  # MovedError is an AskError
+                    reply = self._redirect(reply, command, self._rkey(keys[i]))
+                out[i] = None if isinstance(reply, (ResponseError, _Failed)) else reply
         return out
-
-    def _pack_exists(self, keys: list[str], idx: list[int]) -> bytes:
-        rkeys = [self._rkey(keys[i]).encode() for i in idx]
-        return b"".join(b"*2\r\n$6\r\nEXISTS\r\n$%d\r\n%s\r\n" % (len(k), k) for k in rkeys)
 
     def _delete_remote(self, key: str) -> None:
         from redis.exceptions import AskError
@@ -426,26 +431,8 @@ class RedisClusterTier(RedisTier):
         return None
 
     def _redis_py_objects(self, keys: list[str]) -> Iterator[Encoded | None]:
-        """The TLS / ``lean_reads=False`` path: one pipelined GET per node (written first), then decoded."""
-        from redis.exceptions import AskError, ResponseError
-
-        values: list[Any] = [None] * len(keys)
-        _, groups = self._by_owner(keys)
-        for node, idx in groups.items():
-            try:
-                pipe = node.client.pipeline(transaction=False)
-                for i in idx:
-                    pipe.get(self._rkey(keys[i]))
-                replies = pipe.execute(raise_on_error=False)
-                self._node_ok(node)
-            except self._errors as exc:
-                self._node_failed(node, exc)
-                continue
-            for i, r in zip(idx, replies):
-                if isinstance(r, AskError):
-                    r = self._redirect(r, "GET", self._rkey(keys[i]))
-                values[i] = None if isinstance(r, ResponseError) else r
-        for key, value in zip(keys, values):
+        """The TLS / ``lean_reads=False`` path: GETs through redis-py connections, one round trip per node."""
+        for key, value in zip(keys, self._per_key("GET", keys)):
             yield self._decode(key, value)
 
     # -- bookkeeping ---------------------------------------------------------------------------------
