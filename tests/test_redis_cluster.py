@@ -398,15 +398,20 @@ def test_a_slot_migrating_and_moved_is_followed_by_ask_and_moved(shared: LocalRe
         src = next(m for m in masters if slot in _slots(m))
         dst = next(m for m in masters if m is not src)
         a, b = redis.Redis(port=src.port), redis.Redis(port=dst.port)
+        neighbour = next(k for i in range(1 << 20) if key_slot(k := f"neighbour{i}".encode()) == slot)
+        a.set(neighbour, b"another test's key in the same slot")
         src_id, dst_id = a.cluster("myid").decode(), b.cluster("myid").decode()
         b.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
         a.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
         a.execute_command("MIGRATE", "127.0.0.1", dst.port, rkey, 0, 5000)
+        others = [k for k in a.cluster("getkeysinslot", slot, 10_000) if k != rkey]
+        if others:  # keys earlier tests left in this slot must move too, or the slot cannot be reassigned
+            a.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", *others)
         before = tier.stats()["redirects"]
         assert torch.equal(_read(tier, [key])[0], kv)  # ASK: the key is on dst, the slot still src's
         assert tier.contains_many([key]) == [True]
         assert tier.stats()["redirects"] >= before + 2
-        for m in masters:  # the migration ends: dst owns the slot
+        for m in [dst, src, *(m for m in masters if m is not src and m is not dst)]:  # the migration ends
             redis.Redis(port=m.port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
         assert torch.equal(_read(tier, [key])[0], kv)  # MOVED (or the re-read slot map) leads to dst
         tier.put(key, RawSerde().encode(key, _kv(12, 70_000), b""))  # a write follows it too
