@@ -300,8 +300,13 @@ def env_overrides(environ: typing.Mapping[str, str] | None = None) -> dict[str, 
     return out
 
 
-def load(source: str | os.PathLike[str] | dict[str, Any] | LmkvConfig | None = None) -> LmkvConfig:
-    """Build the configuration; see the module docstring for precedence."""
+def load(source: str | os.PathLike[str] | dict[str, Any] | LmkvConfig | None = None, *,
+         defaults: dict[str, Any] | None = None) -> LmkvConfig:
+    """Build the configuration; see the module docstring for precedence.
+
+    ``defaults``: keys that replace the built-in defaults for this caller (an adapter's own defaults, such as
+    the vLLM connector's node tier); the YAML file, the dict and the environment still override them.
+    """
     if isinstance(source, LmkvConfig):
         return source
     data: dict[str, Any] = {}
@@ -314,7 +319,7 @@ def load(source: str | os.PathLike[str] | dict[str, Any] | LmkvConfig | None = N
         data = _read_yaml(source)
     else:
         raise TypeError(f"source must be a YAML path, a dict or None, got {type(source).__name__}")
-    data = _merge(data, env_overrides())
+    data = _merge(_merge(defaults or {}, data), env_overrides())
     return _build(LmkvConfig, data, "")
 
 

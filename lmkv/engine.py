@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -120,15 +120,15 @@ class KVEngine:
             return tokens
         return self.db.plan(_token_list(tokens))
 
-    def lookup(self, tokens: Any, *, shared_only: bool = False) -> int:
+    def lookup(self, tokens: Any, *, shared_only: bool = False, tiers: Collection[str] | None = None) -> int:
         """Number of leading tokens of ``tokens`` (a sequence or its :class:`ChunkPlan`) whose chunks are stored.
 
-        ``shared_only``: count only what tiers another process sees hold (disk, Redis; not this process's RAM).
-        One batched membership query per tier.
+        ``shared_only``: count only what tiers another process sees hold (node, disk, Redis; not this process's
+        RAM). ``tiers``: count only what the tiers of these names hold. One batched membership query per tier.
         """
         plan = self.plan(tokens)
         t0 = time.perf_counter()
-        n = plan.end_of(self.storage.batched_contains(plan.keys, shared_only=shared_only))
+        n = plan.end_of(self.storage.batched_contains(plan.keys, shared_only=shared_only, tiers=tiers))
         with self._lock:
             self.counters.lookups += 1
             self.counters.lookup_s += time.perf_counter() - t0
@@ -230,7 +230,8 @@ class KVEngine:
             raise ValueError(f"out must be {g.dtype} of shape {want} (dim 2 >= {total}), got {out.dtype} "
                              f"{tuple(out.shape)}")
 
-    def _read(self, plan: ChunkPlan, chunks: Sequence[Chunk], sink: Any) -> int:
+    def _read(self, plan: ChunkPlan, chunks: Sequence[Chunk], sink: Any, tiers_out: dict[str, int] | None = None
+              ) -> int:
         """Hand each stored chunk of the prefix ``chunks`` (of ``plan``) to ``sink(chunk, kv)``, in order; the
         tokens served, counted as this plan's hits and misses.
 
@@ -262,6 +263,8 @@ class KVEngine:
             self.counters.missed_tokens += len(plan) - n
             self.counters.retrieve_s += time.perf_counter() - t0
             self._last_tiers = tiers
+        if tiers_out is not None:  # this call's own tally: concurrent reads each get theirs
+            tiers_out.update(tiers)
         return n
 
     # -- position-free segments (CacheBlend) ---------------------------------------------------------------
@@ -357,14 +360,15 @@ class KVEngine:
                                    f"geometry is {self.geometry.tag()}")
 
     def retrieve_paged(self, tokens: Any, kv_caches: Any, slot_mapping: torch.Tensor, *, layout: Any = None,
-                       start: int = 0, end: int | None = None) -> int:
+                       start: int = 0, end: int | None = None, tiers_out: dict[str, int] | None = None) -> int:
         """Scatter the stored KV of ``tokens[start:end]`` into a paged cache; returns the tokens loaded (<= end).
 
         ``tokens`` is the sequence whose chunk keys are read (a token list is keyed as ``tokens[:end]``; a plan
         as it is, its chunks ending at or before ``end``); ``slot_mapping`` is int64 ``[T]`` aligned with
         ``tokens[:T]``; ``kv_caches``/``layout`` as for :meth:`store_paged`. Loading stops at the first missing or
         invalid chunk; the return value says how far the cache is now valid (tokens before ``start`` are the
-        caller's).
+        caller's). ``tiers_out``: filled with the tokens each tier served (as :meth:`last_tiers`, but for this call
+        alone, so that loads running in parallel threads each know theirs). Slots of -1 are not written.
         """
         from lmkv.ops import paged
 
@@ -381,7 +385,7 @@ class KVEngine:
                 src = kv if lo == c.start else kv[:, :, lo - c.start:].contiguous()
                 paged.scatter(src, kv_caches, slot_mapping[lo:c.end], layout=layout)
 
-        n = min(self._read(plan, plan.chunks(end), scatter), end)
+        n = min(self._read(plan, plan.chunks(end), scatter, tiers_out), end)
         return max(n, start)
 
     # -- housekeeping --------------------------------------------------------------------------------------

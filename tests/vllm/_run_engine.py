@@ -34,16 +34,17 @@ def corrupt_objects(root: str) -> int:
     return n
 
 
-def _wait_for_lookup(events_path: str, prompt_len: int, timeout: float = 120.0) -> None:
+def _wait_for_lookup(events_path: str, rid: str, timeout: float = 120.0) -> None:
+    """Until the scheduler connector has looked up request ``rid`` (vLLM may suffix the id it was given)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if events_path and Path(events_path).exists():
             for line in Path(events_path).read_text().splitlines():
                 row = json.loads(line)
-                if row.get("event") == "lookup" and row.get("prompt") == prompt_len:
+                if row.get("event") == "lookup" and str(row.get("req", "")).startswith(rid):
                     return
         time.sleep(0.01)
-    raise TimeoutError(f"no lookup of a {prompt_len}-token prompt in {events_path!r} after {timeout} s")
+    raise TimeoutError(f"no lookup of request {rid!r} in {events_path!r} after {timeout} s")
 
 
 def main(plan_path: str, out_path: str) -> None:
@@ -84,7 +85,7 @@ def main(plan_path: str, out_path: str) -> None:
             engine.add_request(rid, {"prompt_token_ids": prompts[step["name"]]}, sp)
             # EngineCore runs its own loop in another process (step() would block until the first token), so
             # the abort is timed by the scheduler connector's lookup event for this prompt.
-            _wait_for_lookup(plan["lmkv"].get("events_path", ""), len(prompts[step["name"]]))
+            _wait_for_lookup(plan["lmkv"].get("events_path", ""), rid)
             engine.abort_request([rid])
             while engine.has_unfinished_requests():
                 engine.step()

@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 HERE = Path(__file__).resolve().parent
 CHUNK = 64
 BLOCK = 32
+NO_NODE = {"node": {"enabled": False}}  # the connector's default node tier (/dev/shm) is not for these tests
 
 FACTS = (
     "Here are some facts. The capital of France is Paris. The capital of Sweden is Stockholm. The capital of "
@@ -138,24 +139,25 @@ def runs(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> dict[str, 
         {"do": "generate", "names": ["base", "extended", "partial", "abortme"]}]}, work, "plain")
     store_events = work / "store.events.jsonl"
     store = _run({**common, "lmkv": {
-        "chunk_size": CHUNK, "disk": {"path": str(disk)}, "memory": {"capacity": "256MiB"},
-        "redis": {"enabled": True, "url": redis_url}, "events_path": str(store_events)}, "steps": [
+        "chunk_size": CHUNK, "disk": {"path": str(disk)}, "memory": {"capacity": "256MiB"}, **NO_NODE,
+        "redis": {"enabled": True, "url": redis_url}, "events_path": str(store_events), "sync_save": True}, "steps": [
         {"do": "generate", "names": ["base"]},
         {"do": "abort", "name": "abortme"},
         {"do": "generate", "names": ["base"], "tag": "again"},
     ]}, work, "store")
     load_events = work / "load.events.jsonl"
     load = _run({**common, "lmkv": {
-        "chunk_size": CHUNK, "disk": {"path": str(disk)}, "memory": {"enabled": False},
+        "chunk_size": CHUNK, "disk": {"path": str(disk)}, "memory": {"enabled": False}, **NO_NODE,
         "events_path": str(load_events)}, "steps": [
         {"do": "generate", "names": ["base", "extended", "partial"]},
+        {"do": "abort", "name": "extended"},  # a hit on disk: aborted while (or after) it loads in the background
         {"do": "corrupt", "dir": str(disk)},
         {"do": "generate", "names": ["base"], "tag": "corrupt"},
         {"do": "generate", "names": ["abortme"]},
     ]}, work, "load")
     redis_events = work / "redis.events.jsonl"
     redis = _run({**common, "lmkv": {
-        "chunk_size": CHUNK, "disk": {"enabled": False}, "memory": {"enabled": False},
+        "chunk_size": CHUNK, "disk": {"enabled": False}, "memory": {"enabled": False}, **NO_NODE,
         "redis": {"enabled": True, "url": redis_url}, "events_path": str(redis_events)}, "steps": [
         {"do": "generate", "names": ["base", "partial"]},
     ]}, work, "redis")
@@ -200,6 +202,8 @@ def test_new_engine_hits_same_extended_and_partial_prompts(runs: dict[str, Any])
     for name in ("base", "extended", "partial"):
         assert load[f":{name}"] == plain[f":{name}"], f"{name}: output differs from vLLM without lmkv"
     base_load, ext_load, part_load = _loads(ev)[:3]
+    # from disk, not RAM: in the background (load_mode auto), while the request waited for them
+    assert base_load["background"] and ext_load["background"] and part_load["background"]
     n = len(prompts["base"])
     # same prompt: everything but the last token
     assert (base_load["end"], base_load["loaded"], base_load["failed_blocks"]) == (n - 1, n - 1, 0)
@@ -229,8 +233,8 @@ def test_corrupt_objects_are_recomputed_not_served(runs: dict[str, Any]) -> None
     assert load["corrupted"] > 0
     # After corruption the scheduler still sees the files and plans a load; the worker's reads fail their
     # checksums, it reports the blocks, and vLLM recomputes them.
-    after = _loads(ev)[3]
-    assert after["end"] == len(runs["prompts"]["base"]) - 1
+    after = [e for e in _loads(ev) if not e["req"].startswith("abort-")][3]
+    assert after["background"] and after["end"] == len(runs["prompts"]["base"]) - 1
     assert after["loaded"] == 0 and after["failed_blocks"] == (after["end"] - 1) // BLOCK + 1
     assert load["texts"]["corrupt:base"] == plain[":base"]
 
@@ -254,3 +258,21 @@ def test_abort_leaves_nothing_behind(runs: dict[str, Any]) -> None:
         assert look["extent"] == 0, "something of the aborted request was stored"
     assert load[":abortme"] == plain[":abortme"]
     assert not saves, "the abort landed after the prefill had finished: the test did not exercise a mid-prefill abort"
+
+
+def test_a_request_aborted_during_its_background_load_is_reported_and_dropped(runs: dict[str, Any]) -> None:
+    """vLLM holds the blocks of an aborted request that waits for a background load until the worker reports the
+    load: it is reported exactly once (finished or, if it had not started, cancelled), nothing stays tracked on
+    either side, and the engine serves the next requests right."""
+    ev, plain, load = runs["load_events"], runs["plain"]["texts"], runs["load"]["texts"]
+    (rid,) = [r for r in runs["load"]["aborted"] if r.endswith("extended")]
+    (look,) = [e for e in _by(ev, "lookup") if e["req"].startswith(rid)]
+    assert look["background"] and look["external"] == len(runs["prompts"]["extended"]) - 1
+    reported = [e for e in _loads(ev) if e["req"].startswith(rid)]
+    assert len(reported) == 1 and reported[0]["background"], reported
+    assert reported[0]["failed_blocks"] == 0
+    worker_last = [e for e in _loads(ev) if e["role"] == "WORKER"][-1]
+    assert worker_last["in_flight"] == 0, "a background load was never reported"
+    last = _by(ev, "finished")[-1]
+    assert (last["tracked"], last["lookups_pending"], last["awaited"]) == (0, 0, 0)
+    assert load["corrupt:base"] == plain[":base"] and load[":abortme"] == plain[":abortme"]

@@ -4,10 +4,14 @@ store/retrieve round trip through vLLM's CPU cache with a real KVEngine."""
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from lmkv.adapters.vllm import UnsupportedVllmSetup, cpu_block_map, slot_mapping_for
 from lmkv.ops import paged
@@ -166,3 +170,121 @@ def test_engine_round_trip_through_cpu_layout(tmp_path, isa: str) -> None:
         want = _cache(6, h, bs, d, torch.bfloat16).fill_(float("nan"))
         _vllm_write(layer, want, keys[i][24:n - 1], values[i][24:n - 1], all_slots[24:n - 1])
         assert torch.equal(_raw(dst[i]), _raw(want))
+
+
+@given(blocks=st.lists(st.integers(0, 50), min_size=1, max_size=6, unique=True), bs=st.sampled_from([1, 4, 16]),
+       data=st.data())
+@example(blocks=[3, 1], bs=4, data=None)  # hi one past a block boundary: the last token's block is absent
+def test_slot_mapping_needs_only_the_blocks_below_hi(blocks: list[int], bs: int, data: Any) -> None:
+    """A background load gets the blocks of the tokens it fills, not of the prompt's last token: the mapping of
+    ``[lo, hi)`` must not ask for blocks past ``hi`` and must equal the per-token formula inside it."""
+    cap = len(blocks) * bs
+    if data is None:
+        lo, hi, n = 0, cap, cap + 1
+    else:
+        hi = data.draw(st.integers(0, cap))
+        lo = data.draw(st.integers(0, hi))
+        n = data.draw(st.integers(hi, hi + 2 * bs))
+    slots = slot_mapping_for(blocks, bs, n, lo=lo, hi=hi).tolist()
+    want = [blocks[t // bs] * bs + t % bs if lo <= t < hi else -1 for t in range(n)]
+    assert slots == want
+    if hi > 0:  # one block fewer than the tokens below hi need is refused, naming the need
+        need = -(-hi // bs)
+        with pytest.raises(ValueError, match=f"need {need} blocks"):
+            slot_mapping_for(blocks[:need - 1], bs, n, lo=lo, hi=hi)
+
+
+def test_node_tier_is_the_default_only_on_a_writable_tmpfs(tmp_path) -> None:
+    from lmkv.adapters.vllm import default_node_tier
+
+    got = default_node_tier()  # /dev/shm here is a tmpfs (docker and most Linux hosts)
+    assert got["node"]["enabled"] is True
+    st_ = os.statvfs("/dev/shm")
+    assert 0 < got["node"]["capacity"] <= st_.f_blocks * st_.f_frsize // 2
+    assert default_node_tier(str(tmp_path)) == {}  # not a tmpfs mount point: the config's default (off)
+    assert default_node_tier(str(tmp_path / "missing")) == {}
+
+
+def test_config_defaults_sit_under_the_file_and_the_environment(tmp_path, monkeypatch) -> None:
+    from lmkv import config as lmkv_config
+
+    d = {"node": {"enabled": True, "capacity": 1 << 20}}
+    assert lmkv_config.load({}, defaults=d).node.enabled is True
+    assert lmkv_config.load({"node": {"enabled": False}}, defaults=d).node.enabled is False
+    monkeypatch.setenv("LMKV_NODE_ENABLED", "0")
+    assert lmkv_config.load({}, defaults=d).node.enabled is False
+    assert lmkv_config.load({}, defaults=d).node.capacity == 1 << 20
+
+
+def test_stats_add_aggregate_reduce_and_refuse_unknown_names() -> None:
+    from lmkv.adapters.vllm_stats import COUNTERS, LmkvConnectorStats
+
+    a, b = LmkvConnectorStats(), LmkvConnectorStats()
+    assert a.is_empty()
+    a.add(lookups=2, lookup_tokens=100, hit_tokens=40)
+    b.add(lookups=1, lookup_tokens=100, hit_tokens=20, loaded_bytes=2_000_000, load_seconds=0.001)
+    merged = LmkvConnectorStats(data=dict(a.data)).aggregate(LmkvConnectorStats(data=b.to_dict()))
+    r = merged.reduce()
+    assert (r["lookups"], r["hit_tokens"], r["hit_rate"], r["load_GBps"]) == (3, 60, 0.3, 2.0)
+    assert set(merged.data) <= set(COUNTERS)
+    with pytest.raises(KeyError, match="nonsense"):
+        a.add(nonsense=1)
+
+
+def test_prometheus_counters_per_engine() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from lmkv.adapters.vllm_stats import LmkvPromMetrics
+
+    reg = CollectorRegistry()
+    kinds = {Gauge: Gauge, Counter: lambda **kw: Counter(registry=reg, **kw), Histogram: Histogram}
+    prom = LmkvPromMetrics(SimpleNamespace(kv_transfer_config=None), kinds, ["model_name", "engine"],
+                           {0: ["m", "0"], 1: ["m", "1"]})
+    prom.observe({"loaded_tokens": 96, "load_seconds": 0.5}, engine_idx=1)
+    prom.observe({"loaded_tokens": 4}, engine_idx=1)
+    assert reg.get_sample_value("vllm:lmkv_loaded_tokens_total", {"model_name": "m", "engine": "1"}) == 100
+    assert reg.get_sample_value("vllm:lmkv_loaded_tokens_total", {"model_name": "m", "engine": "0"}) == 0
+    assert reg.get_sample_value("vllm:lmkv_load_seconds_total", {"model_name": "m", "engine": "1"}) == 0.5
+
+
+def test_lmkv_logs_through_vllms_handlers() -> None:
+    import logging
+
+    from lmkv.adapters.vllm import log_through_vllm
+
+    ours, theirs = logging.getLogger("lmkv"), logging.getLogger("vllm")
+    saved = (list(ours.handlers), ours.level, ours.propagate, list(theirs.handlers), theirs.level)
+    ours.handlers, theirs.handlers = [], []
+    try:
+        log_through_vllm()  # vLLM has not configured its logging (as in this process): nothing to follow
+        assert ours.handlers == [] and ours.propagate
+        theirs.addHandler(logging.StreamHandler())  # what vLLM's configure_logging does in its processes
+        theirs.setLevel(logging.INFO)
+        log_through_vllm()
+        assert ours.handlers == theirs.handlers and not ours.propagate
+        assert logging.getLogger("lmkv.vllm").isEnabledFor(logging.INFO)
+    finally:
+        ours.handlers, ours.level, ours.propagate, theirs.handlers, theirs.level = saved
+
+
+def test_a_save_publishes_block_stored_events_chained_like_lmkv_keys() -> None:
+    """With vLLM's KV events on, each save is a ``BlockStored`` of medium ``lmkv`` whose hashes chain like lmkv's
+    prefix keys: a router sees the same chunk under the same hash whichever prompt stored it."""
+    from lmkv.adapters.vllm import LmkvConnector
+    from lmkv.engine import KVEngine
+    from lmkv.types import KVGeometry
+
+    cfg = {"chunk_size": 4, "memory": {"capacity": "1MiB"}, "disk": {"enabled": False}, "node": {"enabled": False}}
+    with KVEngine(cfg, KVGeometry(1, 1, 4, torch.float32), model_id="unit") as eng:
+        c = LmkvConnector.__new__(LmkvConnector)  # the scheduler's state only: no vLLM engine needed
+        prompt = list(range(10))
+        c._plans, c._kv_events, c.lmkv_config = {"r": eng.plan(prompt)}, [], eng.config
+        c._stored_event("r", prompt, 4)
+        (tail,) = c.take_events()
+        assert (tail.medium, tail.block_size, tail.token_ids) == ("lmkv", 4, prompt[4:])
+        assert len(tail.block_hashes) == 2 and tail.parent_block_hash is not None  # [4, 8) and [8, 10)
+        c._stored_event("r", prompt, 0)
+        (whole,) = c.take_events()
+        assert whole.parent_block_hash is None and whole.block_hashes[1:] == tail.block_hashes
+        assert whole.block_hashes[0] == tail.parent_block_hash
+        assert c.take_events() == []
