@@ -385,7 +385,10 @@ class KVEngine:
                 src = kv if lo == c.start else kv[:, :, lo - c.start:].contiguous()
                 paged.scatter(src, kv_caches, slot_mapping[lo:c.end], layout=layout)
 
-        n = min(self._read(plan, plan.chunks(end), scatter, tiers_out), end)
+        # Only the chunks that reach past start are read: the caller holds the tokens before it (vLLM's own
+        # prefix cache), and reading them would cost the whole prefix's I/O and checksums for nothing.
+        wanted = [c for c in plan.chunks(end) if c.end > start]
+        n = min(self._read(plan, wanted, scatter, tiers_out), end)
         return max(n, start)
 
     # -- housekeeping --------------------------------------------------------------------------------------

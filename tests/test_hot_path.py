@@ -281,6 +281,34 @@ def test_retrieve_paged_scatters_the_stored_prefix_only(tmp_path_factory, tokens
     eng.close()
 
 
+@given(chunks=st.integers(2, 4), skip=st.integers(1, 3), seed=st.integers(0, 2))
+@example(chunks=3, skip=2, seed=0)
+def test_retrieve_paged_reads_nothing_before_start(tmp_path_factory, chunks: int, skip: int, seed: int) -> None:
+    """The caller holds the tokens before ``start`` (vLLM's own prefix cache): the chunks that end at or before it
+    are not read at all, so one evicted from lmkv meanwhile does not stop the load, and is not counted as served."""
+    skip = min(skip, chunks - 1)
+    eng = _engine(tmp_path_factory.mktemp("s"))
+    tokens = chunks * CHUNK + 3
+    toks = [5 + seed * 100 + i for i in range(tokens)]
+    kv = _kv(tokens, seed)
+    eng.store(toks, kv)
+    eng.flush()
+    plan = eng.plan(toks)
+    eng.storage.remove(plan.keys[0])  # the first chunk is gone from every tier
+    caches = [torch.full((2, 20, 5, GEOM.num_kv_heads, GEOM.head_dim), -3.0, dtype=GEOM.dtype)
+              for _ in range(GEOM.num_layers)]
+    slots = torch.randperm(100, generator=torch.Generator().manual_seed(seed))[:tokens].to(torch.int64)
+    start = skip * CHUNK + 1  # inside chunk `skip`: that chunk and the later ones are read
+    tiers: dict[str, int] = {}
+    assert eng.retrieve_paged(toks, caches, slots, layout="flash_attn", start=start, tiers_out=tiers) == tokens
+    assert sum(tiers.values()) == tokens - skip * CHUNK  # what was read: from chunk `skip` on
+    expect = [torch.full_like(c, -3.0) for c in caches]
+    ref_paged.scatter(kv[:, :, start:].contiguous(), expect, slots[start:], layout="flash_attn")
+    assert all(torch.equal(c, e) for c, e in zip(caches, expect, strict=True))
+    assert eng.retrieve_paged(toks, caches, slots, layout="flash_attn", start=0) == 0  # from 0: chunk 0 is missing
+    eng.close()
+
+
 @given(tokens=st.integers(1, 70), start=st.integers(0, 69), seed=st.integers(0, 2))
 @example(tokens=CHUNK, start=0, seed=0)
 @example(tokens=3 * CHUNK + 5, start=CHUNK + 3, seed=1)
