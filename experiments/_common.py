@@ -21,6 +21,17 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def vllm_python() -> str:
+    """The interpreter of the vLLM venv (``$LMKV_VLLM_VENV``, default .venv-vllm); exits when it is missing."""
+    import sys
+
+    venv = os.environ.get("LMKV_VLLM_VENV", str(Path(__file__).resolve().parents[1] / ".venv-vllm"))
+    py = Path(venv) / "bin" / "python"
+    if not py.exists():
+        sys.exit(f"{py} is missing: run scripts/bootstrap_vllm.sh first")
+    return str(py)
+
+
 def git_sha() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

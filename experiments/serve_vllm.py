@@ -79,6 +79,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from experiments._common import vllm_python
+
 NAME = "serve_vllm"
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32
@@ -103,21 +105,13 @@ THREAD_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_NUM_OF_RESERVED_C
 # ------------------------------------------------------------------------------------------------------------
 # environment
 # ------------------------------------------------------------------------------------------------------------
-def _vllm_python() -> str:
-    venv = os.environ.get("LMKV_VLLM_VENV", str(ROOT / ".venv-vllm"))
-    py = Path(venv) / "bin" / "python"
-    if not py.exists():
-        sys.exit(f"{py} is missing: run scripts/bootstrap_vllm.sh first")
-    return str(py)
-
-
 def _model_dir() -> str:
     try:
         from lmkv.models import smollm2_dir
 
         return str(smollm2_dir())
     except ImportError:  # this interpreter lacks something lmkv.models needs: ask vLLM's
-        out = subprocess.run([_vllm_python(), "-c", "from lmkv.models import smollm2_dir; print(smollm2_dir())"],
+        out = subprocess.run([vllm_python(), "-c", "from lmkv.models import smollm2_dir; print(smollm2_dir())"],
                              capture_output=True, text=True, check=True, cwd=ROOT)
         return out.stdout.strip().splitlines()[-1]
 
@@ -706,7 +700,7 @@ def main(argv: list[str] | None = None) -> None:
     if q:
         opts.turn_tokens = min(opts.turn_tokens, 32)
 
-    opts.vllm_python = _vllm_python()
+    opts.vllm_python = vllm_python()
     opts.model = _model_dir()
     per_token = kv_bytes_per_token(opts.model, opts.dtype)
     cap = kv_tokens(min(kv_spaces), per_token)

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from experiments._common import vllm_python
+
 NAME = "ttft_vllm"
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32
@@ -101,16 +103,8 @@ def _start_redis(workdir: Path) -> tuple[subprocess.Popen | None, str]:
     return None, ""
 
 
-def _vllm_python() -> str:
-    venv = os.environ.get("LMKV_VLLM_VENV", str(ROOT / ".venv-vllm"))
-    py = Path(venv) / "bin" / "python"
-    if not py.exists():
-        sys.exit(f"{py} is missing: run scripts/bootstrap_vllm.sh first")
-    return str(py)
-
-
 def _model_dir() -> str:
-    out = subprocess.run([_vllm_python(), "-c", "from lmkv.models import smollm2_dir; print(smollm2_dir())"],
+    out = subprocess.run([vllm_python(), "-c", "from lmkv.models import smollm2_dir; print(smollm2_dir())"],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     return out.stdout.strip().splitlines()[-1]
 
@@ -136,7 +130,7 @@ def _run_engine(name: str, plan: dict[str, Any], workdir: Path) -> dict[str, Any
     log_path = workdir / f"{name}.log"
     bar = tqdm(total=len(plan["requests"]), desc=f"{name:>8}", unit="req")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([_vllm_python(), "-m", "experiments.ttft_vllm", "--child", str(plan_path)],
+        proc = subprocess.Popen([vllm_python(), "-m", "experiments.ttft_vllm", "--child", str(plan_path)],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
         assert proc.stdout is not None
         for line in proc.stdout:
