@@ -288,3 +288,39 @@ def test_a_save_publishes_block_stored_events_chained_like_lmkv_keys() -> None:
         assert whole.parent_block_hash is None and whole.block_hashes[1:] == tail.block_hashes
         assert whole.block_hashes[0] == tail.parent_block_hash
         assert c.take_events() == []
+
+
+def _scheduler_state(cfg: dict) -> Any:
+    """A scheduler-role LmkvConnector's bookkeeping without a vLLM engine (what ``_plan`` reads)."""
+    import threading
+
+    from lmkv import config as lmkv_config
+    from lmkv.adapters.vllm import EngineRegistry, LmkvConnector
+    from lmkv.adapters.vllm_stats import LmkvConnectorStats
+
+    c = LmkvConnector.__new__(LmkvConnector)
+    c.lmkv_config, c.is_producer, c._registry, c._engine_id = lmkv_config.load(cfg), True, EngineRegistry(), "e"
+    c._warned_blind, c._kv_events_on, c._stats, c._stats_lock = False, False, LmkvConnectorStats(), threading.Lock()
+    return c
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["ram-only", "node"])
+def test_a_ram_only_config_across_processes_warns_once_and_skips_saves(shared: bool, caplog) -> None:
+    """The scheduler in another process than the worker can never see the worker's RAM: storing there is
+    pointless, so the saves are skipped (counted) with one warning; with a shared tier they are planned."""
+    import logging
+
+    from lmkv.adapters.vllm import LmkvConnectorMetadata, _ReqState
+
+    c = _scheduler_state({"node": {"enabled": shared, "path": "/dev/shm/lmkv-unit-never-opened"},
+                          "disk": {"enabled": False}})
+    meta = LmkvConnectorMetadata()
+    with caplog.at_level(logging.WARNING, logger="lmkv"):
+        for i in range(3):  # three requests whose prefill completes in this step
+            c._plan(meta, f"r{i}", _ReqState(prompt=list(range(100)), block_ids=list(range(4))), 0, 100)
+    warned = [r for r in caplog.records if "saves are skipped" in r.getMessage()]
+    if shared:
+        assert len(meta.saves) == 3 and not warned and c.get_kv_connector_stats() is None
+    else:
+        assert meta.saves == [] and len(warned) == 1
+        assert c.get_kv_connector_stats().data == {"skipped_saves": 3}
