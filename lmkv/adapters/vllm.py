@@ -609,15 +609,14 @@ class LmkvConnector(KVConnectorBase_V1):
 
     def _open_probe_engine(self) -> None:
         """The scheduler's own engine over the shared tiers, unless this process already hosts the worker's."""
-        if self._registry.get(self._engine_id, 0) is not None:
+        if self._worker_engine() is not None:
             return
-        cfg = self.lmkv_config
         if self._blind():
             self._warn_blind()
             return
         from lmkv.engine import KVEngine
 
-        shared = lmkv_config.replace(cfg, memory={"enabled": False})
+        shared = lmkv_config.replace(self.lmkv_config, memory={"enabled": False})
         self._probe_engine = KVEngine(shared, self.geometry, model_id=self.model_id, rank=0,
                                       world_size=self.world_size)
 
@@ -765,6 +764,7 @@ class LmkvConnector(KVConnectorBase_V1):
         chunks = [c for c in plan.chunks() if c.start >= start]
         if not chunks:
             return
+
         def h(key: str) -> int:
             return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
@@ -816,8 +816,8 @@ class LmkvConnector(KVConnectorBase_V1):
         start, end = len(st.prompt) - len(st.prompt) % c, n - n % c
         if end <= max(start, len(st.prompt)):
             return False  # no whole chunk holds generated tokens yet
-        self._finishing.append(SaveSpec(rid := request.request_id, tokens[:end], list(block_ids), start,
-                                        finished=True))
+        rid = request.request_id
+        self._finishing.append(SaveSpec(rid, tokens[:end], list(block_ids), start, finished=True))
         if self._kv_events_on:
             self._plans.pop(rid, None)
             self._stored_event(rid, tokens[:end], start)

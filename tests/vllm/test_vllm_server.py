@@ -169,7 +169,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
                                  "events_path": str(lmkv_events)}, work / "lmkv.log", ["cold", "warm"], ids)
     fresh = _serve(model, dtype, {"chunk_size": CHUNK, **shared, "memory": {"enabled": False},
                                   "events_path": str(fresh_events)}, work / "fresh.log", ["fresh"], ids)
-    return {"dtype": dtype, "model": name, "ids": ids, "shared_tier": "disk", "plain": plain,
+    return {"dtype": dtype, "model": name, "ids": ids, "plain": plain,
             "lmkv": lmkv, "fresh": fresh,
             "lmkv_events": _events(lmkv_events), "fresh_events": _events(fresh_events)}
 
@@ -197,10 +197,10 @@ def test_loads_end_inside_blocks_where_planned(served: dict[str, Any]) -> None:
     ids = served["ids"]
     n = {name: len(v) for name, v in ids.items()}
     assert len(_loads(served["fresh_events"])) == len(n)
-    for name, length in n.items():  # the fresh server loads every prompt but its last token, all from disk/node
+    for name, length in n.items():  # the fresh server loads every prompt but its last token, all from disk
         (load,) = [e for e in _loads(served["fresh_events"]) if e["end"] == length - 1 and e["extent"] == length]
         assert (load["skip"], load["loaded"], load["failed_blocks"]) == (0, length - 1, 0), name
-        assert set(load["tiers"]) == {served["shared_tier"]}, (name, load["tiers"])  # what served it
+        assert set(load["tiers"]) == {"disk"}, (name, load["tiers"])  # what served it
     ends = {e["end"] for e in _loads(served["lmkv_events"])}
     # cold shares_prefix hit short_of_block's first 6 chunks; cold extends hit past_chunk's first chunk
     assert {6 * CHUNK, CHUNK} <= ends
