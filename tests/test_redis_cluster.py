@@ -188,7 +188,9 @@ def test_keys_spread_evenly_over_every_master(shared: LocalRedisCluster) -> None
 def test_a_batch_costs_one_round_trip_per_node(shared: LocalRedisCluster) -> None:
     """A proxy in front of every node (the tier reaches the nodes only through them, by ``address_remap``) counts
     request bursts: a put, lookup and retrieve of 30 chunks is one round trip per master, not one per chunk."""
-    proxies = {n.port: LatencyProxy(n.port, delay_s=0.002) for n in shared.nodes}
+    # 20 ms each way: a node's replies to the first SETs of a stream come back 40 ms after they were sent, long
+    # after the rest of the stream left a busy CI machine (at 2 ms a stalled sender looked like a second trip)
+    proxies = {n.port: LatencyProxy(n.port, delay_s=0.02) for n in shared.nodes}
     remap = lambda addr: (addr[0], proxies[addr[1]].port)  # noqa: E731
     tier = _tier(shared.url, address_remap=remap)
     try:
