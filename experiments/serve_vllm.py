@@ -30,6 +30,9 @@ experiments/ttft_vllm.py, ``--enforce-eager``, block size 32, lmkv chunk 256):
 * ``e``: a fresh server on the tiers (and stored KV) of the lmkv config run just before it (b, c or d, in the same
   repeat and KV space), re-running the same passes: vLLM's prefix cache starts empty, so every first touch must
   come from lmkv's shared tiers. ``--configs a,b,e,c,e`` gives one ``e`` per tier set (labelled ``e(b)``, ``e(c)``).
+* ``b+layerwise``, ``b+async``, ``b+sync`` (any of b, c, d with a variant): the same tiers with one connector
+  option changed (:data:`VARIANTS`: ``layerwise: true``, ``load_mode: async`` / ``sync``), to A/B an option
+  against its config in one run, e.g. ``--configs b,b+layerwise,b,b+layerwise``.
 
 vLLM's KV space is ``VLLM_CPU_KVCACHE_SPACE`` GiB (``--kv-space``, default 1 and 4). At 1 GiB SmolLM2 in float32
 holds 23,296 tokens (46,080 KV bytes per token = 2 x layers x KV heads x head dim x dtype bytes, from the model's
@@ -90,6 +93,18 @@ WORKLOADS = ("docqa", "chat")
 CONFIGS = ("a", "b", "c", "d", "e")
 LMKV_CONFIGS = ("b", "c", "d")
 TIERS = {"a": "vLLM alone", "b": "node+mem", "c": "node+mem+disk", "d": "node+mem+disk+redis"}
+VARIANTS = {"layerwise": {"layerwise": True}, "async": {"load_mode": "async"}, "sync": {"load_mode": "sync"}}
+
+
+def config_parts(cfg: str) -> tuple[str, dict[str, Any]]:
+    """``"b+layerwise"`` -> ``("b", {"layerwise": True})``: the tier config and its connector option changes."""
+    base, _, variant = cfg.partition("+")
+    return base, dict(VARIANTS.get(variant, {}))
+
+
+def known_config(cfg: str) -> bool:
+    base, _, variant = cfg.partition("+")
+    return base in CONFIGS and (not variant or (base in LMKV_CONFIGS and variant in VARIANTS))
 WORDS = ("river stone lamp window garden copper violin harbor meadow lantern orchard falcon marble candle compass "
          "glacier saddle pepper walnut anchor beacon quartz thimble cedar ribbon kettle forest silver engine mirror "
          "valley thunder pocket ladder island castle feather wagon bridge cotton market signal planet tunnel shadow "
@@ -631,7 +646,7 @@ def plot(rows: list[dict[str, Any]], order: list[str]) -> Any:
                 ys.append(r["ttft_p50_s"])
                 err.append(max(0.0, r["ttft_p95_s"] - r["ttft_p50_s"]))
             label = cfg if cfg == "a" or cfg.startswith("e") else f"{cfg}"
-            label += f" ({TIERS.get(cfg, 'fresh server, lmkv tiers')})"
+            label += f" ({TIERS.get(config_parts(cfg)[0], 'fresh server, lmkv tiers')})"
             ax.bar(xs, ys, width, yerr=[[0.0] * len(err), err], capsize=3, label=label)
         ax.set_xticks(range(len(keys)), [f"KV {kv:g} GiB, c{c}" for kv, c in keys])
         ax.set_yscale("log")
@@ -686,9 +701,10 @@ def main(argv: list[str] | None = None) -> None:
 
     q = opts.quick
     configs = _csv(opts.configs, str) or (["a", "b", "e"] if q else list(CONFIGS))
-    bad = [c for c in configs if c not in CONFIGS]
+    bad = [c for c in configs if not known_config(c)]
     if bad:
-        sys.exit(f"unknown configs {bad}: choose from {','.join(CONFIGS)}")
+        sys.exit(f"unknown configs {bad}: choose from {','.join(CONFIGS)}, optionally b/c/d+"
+                 f"{'|'.join(VARIANTS)}")
     kv_spaces = _csv(opts.kv_space, float)
     concs = _csv(opts.concurrency, int) or ([1, 2] if q else [1, 4])
     workloads = _csv(opts.workloads, str)
@@ -782,6 +798,7 @@ def main(argv: list[str] | None = None) -> None:
             for kv in kv_spaces:
                 for cfg in configs:
                     kind, label, lmkv = cfg, cfg, None
+                    cfg, variant = config_parts(cfg)
                     if cfg in LMKV_CONFIGS:
                         drop_tiers()
                         node_dir = Path(tempfile.mkdtemp(prefix="lmkv-serve-node-", dir=shm))
@@ -807,7 +824,9 @@ def main(argv: list[str] | None = None) -> None:
                                 drop_tiers()
                                 continue
                             lmkv["redis"] = {"enabled": True, "url": live["redis"].url, "socket_timeout": 5.0}
+                        lmkv.update(variant)
                         live["cfg"] = lmkv
+                        live["label"] = label
                     elif cfg == "e":
                         if not live:
                             failures.append({"kind": "failure", "config": cfg, "kv_space_gib": kv, "rep": rep,
@@ -852,7 +871,7 @@ def main(argv: list[str] | None = None) -> None:
     shown = [{k: ("" if v is None else v) for k, v in r.items()} for r in rows]
     print_table(shown, cols, title=f"TTFT through vLLM's OpenAI server, SmolLM2-135M {opts.dtype}, "
                 f"{os.cpu_count()} CPUs (seconds; p50_vs_a: p50 / config a's)")
-    print("configs: " + "; ".join(f"{c} = {TIERS.get(c, 'fresh server on the tiers of the lmkv config before it')}"
+    print("configs: " + "; ".join(f"{c} = {_describe(c)}"
                                   for c in dict.fromkeys(configs)))
     for line in g_lines:
         print(line)
@@ -880,12 +899,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"rows -> {path}; plot -> {png}")
 
 
+def _describe(cfg: str) -> str:
+    base, variant = config_parts(cfg)
+    what = TIERS.get(base, "fresh server on the tiers of the lmkv config before it")
+    return what + "".join(f", {k}={v}" for k, v in variant.items())
+
+
 def configs_order(configs: list[str]) -> list[str]:
     """Labels in sequence order, ``e`` labels as run (``e`` or ``e(b)`` ...)."""
     labels, last = [], None
     n_e = sum(c == "e" for c in configs)
     for c in configs:
-        if c in LMKV_CONFIGS:
+        if config_parts(c)[0] in LMKV_CONFIGS:
             last = c
         labels.append((f"e({last})" if n_e > 1 else "e") if c == "e" else c)
     return list(dict.fromkeys(labels))

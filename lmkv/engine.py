@@ -172,8 +172,8 @@ class KVEngine:
             self.counters.store_s += time.perf_counter() - t0
         return stored
 
-    def retrieve(self, tokens: Any, *, end: int | None = None, out: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, int]:
+    def retrieve(self, tokens: Any, *, end: int | None = None, out: torch.Tensor | None = None, start: int = 0,
+                 tiers_out: dict[str, int] | None = None) -> tuple[torch.Tensor, int]:
         """KV of the longest stored prefix of ``tokens`` (a sequence or its plan), among the chunks ending at or
         before ``end`` (default: all).
 
@@ -181,12 +181,18 @@ class KVEngine:
             out: where to write, ``[L, 2, >= T, H, D]`` in the geometry's dtype, any strides and device (a view
                 into a consumer's own cache tensors, a reused buffer); T is the end of the last chunk asked for.
                 Default: a fresh tensor.
+            start: the caller holds ``tokens[:start]`` already: chunks ending at or before it are not read (their
+                part of ``out`` is left as it is; a chunk that straddles ``start`` is written whole), and ``n`` is
+                at least ``start`` (at most T).
+            tiers_out: filled with the tokens each tier served, as for :meth:`retrieve_paged`.
         Returns:
             ``(kv [L, 2, n, H, D], n)``, kv a view of ``out``; n = 0 gives an empty kv. Reading stops at the first
             chunk that is missing, corrupt, or whose token fingerprint does not match. Storage is asked once per
             tier for all the chunks (one pipelined round trip to Redis), and each chunk is copied once, from the
             stored bytes straight into ``out``.
         """
+        if not (isinstance(start, int) and start >= 0):
+            raise ValueError(f"start must be an int >= 0, got {start!r}")
         plan = self.plan(tokens)
         chunks = plan.chunks(end)
         total = chunks[-1].end if chunks else 0
@@ -194,7 +200,9 @@ class KVEngine:
             out = torch.empty(self.geometry.chunk_shape(total), dtype=self.geometry.dtype)
         else:
             self._check_out(out, total)
-        n = self._read(plan, chunks, lambda c, kv: out[:, :, c.start:c.end].copy_(kv))
+        wanted = [c for c in chunks if c.end > start]
+        n = max(self._read(plan, wanted, lambda c, kv: out[:, :, c.start:c.end].copy_(kv), tiers_out),
+                min(start, total))
         return out[:, :, :n], n
 
     def prefetch(self, tokens: Any) -> Future:

@@ -10,9 +10,11 @@ Load it in vLLM with::
 top of the YAML file named by ``config_path`` (else ``$LMKV_CONFIG``), and keys of this adapter:
 ``config_path``, ``events_path`` (append one JSON line per connector event: for tests and debugging),
 ``sync_save`` (default false: lower-tier writes finish in the background; true makes a step that stores KV wait
-until they hold it, for tests) and ``load_mode`` (``auto``, the default: a hit held in RAM, the node or the
+until they hold it, for tests), ``load_mode`` (``auto``, the default: a hit held in RAM, the node or the
 memory tier, loads inside the step, anything slower loads in the background while other requests run;
-``async``: always in the background; ``sync``: always inside the step). Where ``/dev/shm`` is a writable tmpfs
+``async``: always in the background; ``sync``: always inside the step) and ``layerwise`` (default false: loads
+inside the step are scattered and saves gathered layer by layer, as vLLM runs its attention layers; see
+:mod:`lmkv.adapters.vllm_layerwise`, measured in docs/vllm.md). Where ``/dev/shm`` is a writable tmpfs
 the node tier is on by default (host-shared RAM, capped at half of ``/dev/shm``): the scheduler process sees
 what any worker on the host stored; set ``node: {enabled: false}`` to turn it off.
 
@@ -67,7 +69,7 @@ from lmkv.types import KVGeometry
 log = logging.getLogger("lmkv.vllm")
 
 TESTED_VLLM = ("0.32",)
-ADAPTER_KEYS = ("config_path", "events_path", "sync_save", "load_mode", "save_outputs")
+ADAPTER_KEYS = ("config_path", "events_path", "sync_save", "load_mode", "save_outputs", "layerwise")
 LOAD_MODES = ("auto", "async", "sync")
 FINISHED_OK = ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED")  # vLLM request statuses whose output is stored
 RAM_TIERS = ("memory", "node")  # a hit these hold loads inside the step in load_mode auto
@@ -162,6 +164,15 @@ def slot_mapping_for(block_ids: list[int], block_size: int, num_tokens: int, *, 
         blocks = torch.tensor(block_ids[:need], dtype=torch.int64)
         slots[lo:hi] = blocks[t // block_size] * block_size + t % block_size
     return slots
+
+
+def adapter_flag(extra: dict[str, Any], key: str, default: bool) -> bool:
+    """An on/off key of ``kv_connector_extra_config``: a JSON boolean, else a ConfigError naming it (a string
+    such as ``"false"`` would otherwise read as true)."""
+    value = extra.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"kv_connector_extra_config.{key}: expected true or false, got {value!r}")
+    return value
 
 
 def default_node_tier(shm: str = "/dev/shm") -> dict[str, Any]:
@@ -298,9 +309,10 @@ class LmkvConnector(KVConnectorBase_V1):
         self._kv_cache_config = kv_cache_config
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self._events_path: str | None = extra.get("events_path") or None
-        self._sync_save = bool(extra.get("sync_save", False))
-        self._save_outputs = bool(extra.get("save_outputs", True))
-        self._load_mode = str(extra.get("load_mode", "auto"))
+        self._sync_save = adapter_flag(extra, "sync_save", False)
+        self._save_outputs = adapter_flag(extra, "save_outputs", True)
+        self._layerwise = adapter_flag(extra, "layerwise", False)  # see lmkv.adapters.vllm_layerwise
+        self._load_mode = extra.get("load_mode", "auto")
         if self._load_mode not in LOAD_MODES:
             raise ConfigError(f"kv_connector_extra_config.load_mode: expected one of {LOAD_MODES}, "
                               f"got {self._load_mode!r}")
@@ -335,6 +347,13 @@ class LmkvConnector(KVConnectorBase_V1):
         self._loading: dict[str, tuple[LoadSpec, Future]] = {}  # background loads in flight, by request
         self._loader: ThreadPoolExecutor | None = None
         self._sent: set[str] = set()  # finished requests whose output was gathered, to report in get_finished
+        self._layers: list[Any] = []  # layerwise: one single-layer PagedCache per layer, in forward order
+        self._layer_index: dict[str, int] = {}
+        self._layer_loads: Any = None  # layerwise: this step's LayerLoads, until reported
+        self._layer_saves: Any = None  # layerwise: (metadata, LayerSaves) of this step
+        self._layer_thread: ThreadPoolExecutor | None = None
+        self._load_stage: Any = None
+        self._save_stages: list[Any] = []
         self._rank = 0
         # both roles: counters since vLLM last collected them (get_kv_connector_stats)
         self._stats = LmkvConnectorStats()
@@ -437,6 +456,11 @@ class LmkvConnector(KVConnectorBase_V1):
         from lmkv.ops import paged
 
         self._kv = paged.PagedCache(views, block_map)
+        if self._layerwise:
+            from lmkv.adapters.vllm_layerwise import StagingBuffer, layer_caches
+
+            self._layers, self._layer_index = layer_caches(kv_caches, block_map)
+            self._load_stage = StagingBuffer(self._kv.chunk_shape, first.dtype)
         self._rank = self._tp_rank()
         self._engine = self._registry.get_or_create(self._engine_id, self._rank, self._new_engine)
         self._event("register", layout=block_map.name, backend=backend, kernel=getattr(layer, "isa", None),
@@ -476,13 +500,49 @@ class LmkvConnector(KVConnectorBase_V1):
             return
         if self._kv is None or self._engine is None:
             raise RuntimeError("LmkvConnector.start_load_kv before register_kv_caches")
+        in_step = []
         for spec in meta.loads:
             if spec.background:
                 if self._loader is None:
                     self._loader = ThreadPoolExecutor(1, thread_name_prefix="lmkv-load")
                 self._loading[spec.req_id] = (spec, self._loader.submit(self._load, spec))
+            elif self._layerwise:
+                in_step.append(spec)
             else:
                 self._loaded(spec, *self._load(spec))
+        if in_step:
+            self._start_layer_loads(in_step)
+
+    def _start_layer_loads(self, specs: list[LoadSpec]) -> None:
+        """Layerwise: read this step's loads on a thread and scatter them layer by layer
+        (:class:`lmkv.adapters.vllm_layerwise.LayerLoads`); each attention layer waits for its own."""
+        from lmkv.adapters.vllm_layerwise import LayerLoads
+
+        def read(i: int, tokens: list[int], out: torch.Tensor, start: int) -> tuple[int, dict[str, int]]:
+            tiers: dict[str, int] = {}
+            _, n = self._engine.retrieve(tokens, out=out, start=start, tiers_out=tiers)
+            return n, tiers
+
+        if self._layer_thread is None:
+            self._layer_thread = ThreadPoolExecutor(1, thread_name_prefix="lmkv-layer")
+        plans = [(s.token_ids, slot_mapping_for(s.block_ids, self.block_size, len(s.token_ids), lo=s.skip, hi=s.end),
+                  s.skip, s.end) for s in specs]
+        self._layer_loads = (specs, LayerLoads(plans, read, self._layers, self._load_stage, self._layer_thread))
+
+    def _finish_layer_loads(self) -> None:
+        """Layerwise: report this step's loads once their thread is done (before vLLM asks for failed blocks)."""
+        pending, self._layer_loads = self._layer_loads, None
+        if pending is None:
+            return
+        specs, job = pending
+        try:
+            results = job.future.result()
+        except Exception as exc:  # noqa: BLE001 - a failed load is recomputed, never served
+            log.warning("LmkvConnector: layerwise load failed (%s: %s); vLLM will recompute it",
+                        type(exc).__name__, exc)
+            results = [(s.skip, {}, 0.0) for s in specs]
+        for spec, (valid, tiers, seconds) in zip(specs, results, strict=True):
+            self._loaded(spec, valid, tiers, seconds, layerwise=True)
 
     def _load(self, spec: LoadSpec) -> tuple[int, dict[str, int], float]:
         """Scatter the stored KV of ``spec`` into its blocks: (tokens valid from the start, tokens per tier,
@@ -502,7 +562,8 @@ class LmkvConnector(KVConnectorBase_V1):
             valid = spec.skip
         return valid, tiers, time.perf_counter() - t0
 
-    def _loaded(self, spec: LoadSpec, valid: int, tiers: dict[str, int], seconds: float) -> None:
+    def _loaded(self, spec: LoadSpec, valid: int, tiers: dict[str, int], seconds: float, *,
+                layerwise: bool = False) -> None:
         """Report a finished load: the blocks it did not fill go to vLLM for recomputation."""
         failed: list[int] = []
         if valid < spec.end:
@@ -517,34 +578,62 @@ class LmkvConnector(KVConnectorBase_V1):
                     failed_blocks=len(failed))
         self._event("load", req=spec.req_id, skip=spec.skip, end=spec.end, extent=len(spec.token_ids),
                     loaded=loaded, failed_blocks=len(failed), tiers=tiers, s=seconds, background=spec.background,
-                    in_flight=len(self._loading) - int(spec.req_id in self._loading))
+                    in_flight=len(self._loading) - int(spec.req_id in self._loading), layerwise=layerwise)
 
     def _token_bytes(self) -> int:
         g = self.geometry
         return g.num_layers * 2 * g.num_kv_heads * g.head_dim * g.dtype.itemsize
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # a load in the step completes before start_load_kv returns; a background one before get_finished
+        """Layerwise: until this layer of the step's loads is in place. Otherwise a load in the step completes
+        before start_load_kv returns, and a background one before get_finished reports it."""
+        pending = self._layer_loads
+        if pending is not None:  # a layer lmkv did not register (none today) waits for every layer
+            pending[1].wait(self._layer_index.get(layer_name, len(self._layers) - 1))
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        return  # all layers are gathered at once in wait_for_save, after the forward pass wrote them
+        """Layerwise: gather this layer of the step's saves now that the forward pass wrote it. Otherwise all
+        layers are gathered at once in wait_for_save."""
+        meta = self._connector_metadata
+        if not (self._layerwise and isinstance(meta, LmkvConnectorMetadata) and meta.saves):
+            return
+        if self._layer_saves is None or self._layer_saves[0] is not meta:
+            from lmkv.adapters.vllm_layerwise import LayerSaves, StagingBuffer
+
+            while len(self._save_stages) < len(meta.saves):
+                self._save_stages.append(StagingBuffer(self._kv.chunk_shape, self.geometry.dtype))
+            specs = [(slot_mapping_for(s.block_ids, self.block_size, len(s.token_ids))[self._first(s):], self._first(s))
+                     for s in meta.saves]
+            self._layer_saves = (meta, LayerSaves(specs, self._layers, self._save_stages))
+        layer = self._layer_index.get(layer_name)
+        if layer is not None:  # else the save is not complete and wait_for_save gathers it whole
+            self._layer_saves[1].gather(layer)
+
+    def _first(self, spec: SaveSpec) -> int:
+        return spec.start - spec.start % self.lmkv_config.chunk_size
 
     def wait_for_save(self) -> None:
         """Gather each finished prefill's KV out of vLLM's blocks now, before vLLM may reuse them (into the
         memory tier's pool, or a private buffer); the node, disk and Redis writes run in the background unless
         ``sync_save``."""
+        self._finish_layer_loads()
         meta = self._connector_metadata
         if not isinstance(meta, LmkvConnectorMetadata) or not meta.saves:
             return
         if self._kv is None or self._engine is None:
             raise RuntimeError("LmkvConnector.wait_for_save before register_kv_caches")
-        for spec in meta.saves:
+        gathered, self._layer_saves = self._layer_saves, None
+        staged = gathered[1].buffers() if gathered is not None and gathered[0] is meta and gathered[1].complete() \
+            else None
+        for i, spec in enumerate(meta.saves):
             t0 = time.perf_counter()
             stored = 0
             try:
-                slots = slot_mapping_for(spec.block_ids, self.block_size, len(spec.token_ids))
-                stored = self._engine.store_paged(spec.token_ids, self._kv, slots,
-                                                  start=spec.start)
+                if staged is not None:  # layerwise: gathered during the forward pass
+                    stored = self._engine.store(spec.token_ids, staged[i], offset=self._first(spec))
+                else:
+                    slots = slot_mapping_for(spec.block_ids, self.block_size, len(spec.token_ids))
+                    stored = self._engine.store_paged(spec.token_ids, self._kv, slots, start=spec.start)
             except Exception as exc:  # noqa: BLE001 - a failed save is a future miss, not an outage
                 log.warning("LmkvConnector: save of request %s failed (%s: %s)", spec.req_id, type(exc).__name__,
                             exc)
@@ -553,11 +642,12 @@ class LmkvConnector(KVConnectorBase_V1):
                 self._sent.add(spec.req_id)
             self._count(saves=1, saved_tokens=stored, saved_bytes=stored * self._token_bytes(), save_seconds=seconds)
             self._event("save", req=spec.req_id, tokens=len(spec.token_ids), start=spec.start, stored=stored,
-                        s=seconds)
+                        s=seconds, layerwise=staged is not None)
         if self._sync_save:
             self._engine.flush()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._finish_layer_loads()
         out, self._load_errors = self._load_errors, set()
         return out
 
@@ -565,6 +655,7 @@ class LmkvConnector(KVConnectorBase_V1):
         """``(None, requests whose background load is done)``: every background load is reported exactly once,
         also for a request aborted meanwhile (vLLM holds its blocks until then). A load that had not started
         when its request finished is cancelled."""
+        self._finish_layer_loads()
         done: set[str] = set()
         for rid, (spec, fut) in list(self._loading.items()):
             if rid in finished_req_ids and fut.cancel():
@@ -581,6 +672,10 @@ class LmkvConnector(KVConnectorBase_V1):
         return sent or None, done or None
 
     def shutdown(self) -> None:
+        self._finish_layer_loads()
+        if self._layer_thread is not None:
+            self._layer_thread.shutdown(wait=True)
+            self._layer_thread = None
         loader, self._loader = self._loader, None
         if loader is not None:  # loads still queued are of requests vLLM is dropping: do not start them
             loader.shutdown(wait=True, cancel_futures=True)
@@ -831,5 +926,5 @@ class LmkvConnector(KVConnectorBase_V1):
 
 
 __all__ = ["LmkvConnector", "LmkvConnectorMetadata", "LoadSpec", "SaveSpec", "UnsupportedVllmSetup",
-           "cpu_block_map", "slot_mapping_for", "default_node_tier", "log_through_vllm", "TESTED_VLLM",
+           "cpu_block_map", "slot_mapping_for", "default_node_tier", "adapter_flag", "log_through_vllm", "TESTED_VLLM",
            "EngineRegistry"]

@@ -12,6 +12,9 @@ Three engines, each in its own process (tests/vllm/_run_engine.py), share one lm
    recomputes the blocks.
 4. ``redis``: a new engine whose only lmkv tier is Redis (a real redis-server on a free loopback port, which
    the ``store`` engine wrote through to): the base and the partial prompt hit.
+5. ``layerwise``: a new engine with ``layerwise: true`` and every load inside the step, on a copy of the disk
+   directory the ``store`` engine left: loads scattered layer by layer (base, partial), saves gathered layer by
+   layer (the extension's new chunks), read back from disk by a later request, then corrupted: recomputed.
 
 Every text must equal the plain engine's; the connector's event log (one JSON line per lookup/load/save/finish,
 from the scheduler and worker processes) shows where KV came from and that nothing stays tracked.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +149,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> dict[str, 
         {"do": "abort", "name": "abortme"},
         {"do": "generate", "names": ["base"], "tag": "again"},
     ]}, work, "store")
+    lw_disk = work / "disk-layerwise"
+    shutil.copytree(disk, lw_disk)  # what the store engine left, before the load engine corrupts it
     load_events = work / "load.events.jsonl"
     load = _run({**common, "lmkv": {
         "chunk_size": CHUNK, "disk": {"path": str(disk)}, "memory": {"enabled": False}, **NO_NODE,
@@ -161,9 +167,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> dict[str, 
         "redis": {"enabled": True, "url": redis_url}, "events_path": str(redis_events)}, "steps": [
         {"do": "generate", "names": ["base", "partial"]},
     ]}, work, "redis")
-    return {"prompts": prompts, "plain": plain, "store": store, "load": load, "redis": redis,
+    lw_events = work / "layerwise.events.jsonl"
+    layerwise = _run({**common, "lmkv": {
+        "chunk_size": CHUNK, "disk": {"path": str(lw_disk)}, "memory": {"enabled": False}, **NO_NODE,
+        "layerwise": True, "load_mode": "sync", "sync_save": True, "events_path": str(lw_events)}, "steps": [
+        {"do": "generate", "names": ["base", "partial", "extended"]},
+        {"do": "generate", "names": ["extended"], "tag": "again"},  # its tail chunk, saved layerwise, from disk
+        {"do": "corrupt", "dir": str(lw_disk)},
+        {"do": "generate", "names": ["base"], "tag": "corrupt"},
+    ]}, work, "layerwise")
+    return {"prompts": prompts, "plain": plain, "store": store, "load": load, "redis": redis, "layerwise": layerwise,
             "store_events": _events(store_events), "load_events": _events(load_events),
-            "redis_events": _events(redis_events), "work": work}
+            "redis_events": _events(redis_events), "layerwise_events": _events(lw_events), "work": work}
 
 
 def _by(events: list[dict[str, Any]], event: str, **match: Any) -> list[dict[str, Any]]:
@@ -276,3 +291,28 @@ def test_a_request_aborted_during_its_background_load_is_reported_and_dropped(ru
     last = _by(ev, "finished")[-1]
     assert (last["tracked"], last["lookups_pending"], last["awaited"]) == (0, 0, 0)
     assert load["corrupt:base"] == plain[":base"] and load[":abortme"] == plain[":abortme"]
+
+
+def test_layerwise_loads_and_saves_match_plain_vllm(runs: dict[str, Any]) -> None:
+    """``layerwise: true``: in-step loads scattered layer by layer and saves gathered layer by layer give vLLM's
+    own texts; a chunk saved layerwise reads back exact; corrupt objects are recomputed, as without it."""
+    plain, lw, ev, prompts = runs["plain"]["texts"], runs["layerwise"]["texts"], runs["layerwise_events"], \
+        runs["prompts"]
+    for tag, name in ((":", "base"), (":", "partial"), (":", "extended"), ("again:", "extended"),
+                      ("corrupt:", "base")):
+        assert lw[f"{tag}{name}"] == plain[f":{name}"], f"{tag}{name}: output differs from vLLM without lmkv"
+    loads = _loads(ev)
+    assert loads and not any(e["background"] for e in loads), "load_mode sync: every load inside the step"
+    assert all(e["layerwise"] for e in loads), "a load did not go layer by layer"
+    n, ext_len = len(prompts["base"]), len(prompts["extended"])
+    base_load, part_load, ext_load, again_load, corrupt_load = loads
+    assert (base_load["end"], base_load["loaded"], base_load["failed_blocks"]) == (n - 1, n - 1, 0)
+    assert (part_load["end"], part_load["loaded"]) == (CHUNK, CHUNK)
+    assert (ext_load["end"], ext_load["loaded"]) == (2 * CHUNK, 2 * CHUNK)
+    (ext_save,) = [e for e in _by(ev, "save") if e["tokens"] == ext_len]
+    assert ext_save["start"] == 2 * CHUNK and ext_save["stored"] == ext_len - 2 * CHUNK
+    assert ext_save["layerwise"], "the save was not gathered layer by layer during the forward pass"
+    # the extension again: base's chunks and the chunk the layerwise save stored, from disk
+    assert (again_load["end"], again_load["loaded"], again_load["failed_blocks"]) == (3 * CHUNK, 3 * CHUNK, 0)
+    assert runs["layerwise"]["corrupted"] > 0
+    assert corrupt_load["loaded"] == 0 and corrupt_load["failed_blocks"] == (n - 2) // BLOCK + 1

@@ -357,3 +357,16 @@ def test_a_finished_requests_output_is_saved_in_the_next_step(status: str, gener
         assert spec.block_ids == blocks
     else:
         assert c._finishing == []
+
+
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, None, "yes"])
+def test_an_on_off_key_must_be_a_boolean(value: Any) -> None:
+    """``"false"`` as a string would read as true: every on/off adapter key refuses anything but a boolean, naming
+    the key."""
+    from lmkv.adapters.vllm import adapter_flag
+    from lmkv.errors import ConfigError
+
+    for key in ("sync_save", "save_outputs", "layerwise"):
+        with pytest.raises(ConfigError, match=f"kv_connector_extra_config.{key}"):
+            adapter_flag({key: value}, key, False)
+        assert adapter_flag({key: True}, key, False) is True and adapter_flag({}, key, True) is True
