@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from lmkv import config as lmkv_config
-from lmkv.errors import GeometryMismatch
+from lmkv.errors import GeometryMismatch, ModelMismatch
 from lmkv.keys import KeySpace
 from lmkv.plan import Chunk, ChunkPlan
 from lmkv.storage import TieredStore
@@ -89,6 +89,9 @@ class KVEngine:
         self.config = lmkv_config.load(config)
         self.geometry = geometry
         self.model_id = model_id or self.config.model_id or "unnamed-model"
+        # A declared id (argument or config) is the caller's word for the weights; else check_model compares the
+        # model's derived identity with model_id.
+        self._declared_id = bool(model_id or self.config.model_id)
         self.chunk_size = self.config.chunk_size
         self.keyspace = KeySpace(self.model_id, geometry, rank=rank, world_size=world_size)
         self.db = TokenDatabase(self.chunk_size, self.keyspace, save_partial=self.config.save_partial_chunks)
@@ -100,18 +103,41 @@ class KVEngine:
 
     # -- construction helpers ------------------------------------------------------------------------------
     @classmethod
-    def for_model(cls, model: Any, config: Any = None, *, dtype: torch.dtype | None = None, **kwargs: Any) -> KVEngine:
-        """An engine for a transformers model: geometry from ``model.config``, model id from its name/path."""
+    def for_model(cls, model: Any, config: Any = None, *, dtype: torch.dtype | None = None, model_id: str = "",
+                  rank: int = 0, world_size: int = 1, store: TieredStore | None = None,
+                  **overrides: Any) -> KVEngine:
+        """An engine for a transformers model: geometry from ``model.config``, identity from its name, config and
+        weights (unless ``model_id`` is given or configured).
+
+        Args:
+            config: as for :class:`KVEngine`; ``**overrides`` are config keys on top of it
+                (``KVEngine.for_model(model, chunk_size=64, memory={"capacity": "1GiB"})``).
+        """
         geometry = KVGeometry.from_hf_config(model.config, dtype or getattr(model, "dtype", None))
         cfg = lmkv_config.load(config)
-        model_id = kwargs.pop("model_id", "") or cfg.model_id or _model_identity(model)
-        return cls(cfg, geometry, model_id=model_id, **kwargs)
+        if overrides:
+            cfg = lmkv_config.replace(cfg, **overrides)
+        declared = model_id or cfg.model_id
+        eng = cls(cfg, geometry, model_id=declared or _model_identity(model), rank=rank, world_size=world_size,
+                  store=store)
+        eng._declared_id = bool(declared)
+        return eng
 
     def check_model(self, model: Any) -> None:
-        """Raise GeometryMismatch when ``model`` does not produce KV of this engine's geometry."""
+        """Raise :class:`GeometryMismatch` when ``model`` does not produce KV of this engine's geometry, and
+        :class:`ModelMismatch` when it is another model: what :meth:`for_model` derives from the model's name,
+        config and weights must be the engine's ``model_id``, unless that id was given (argument or config), which
+        declares the weights. Same shapes are not enough: KV computed by other weights would be served as a hit."""
         got = KVGeometry.from_hf_config(model.config, getattr(model, "dtype", None))
         if got != self.geometry:
             raise GeometryMismatch(f"model KV geometry {got.tag()} does not match the engine's {self.geometry.tag()}")
+        if self._declared_id:
+            return  # the caller named the weights (model_id): their word
+        ident = _model_identity(model)
+        if ident != self.model_id:
+            raise ModelMismatch(f"model {ident!r} is not the model this engine stores KV for ({self.model_id!r}): "
+                                "build an engine for it (KVEngine.for_model(model, ...)), or give both the same "
+                                "model_id if they really are the same weights")
 
     # -- core API ------------------------------------------------------------------------------------------
     def plan(self, tokens: Any) -> ChunkPlan:

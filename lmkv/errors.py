@@ -23,6 +23,11 @@ class GeometryMismatch(LmkvError, ValueError):
     """KV tensors do not match the geometry (layers, heads, head dim, dtype) they are used with."""
 
 
+class ModelMismatch(GeometryMismatch):
+    """A model is not the one an engine stores KV for (another checkpoint of the same shapes would be served
+    KV computed by different weights); the message names both identities."""
+
+
 class CodecError(LmkvError, ValueError):
     """A CacheGen blob is truncated, corrupted, foreign or of an unsupported version."""
 

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmkv.adapters.hf.compat import cache_kwargs, output_cache
 from lmkv.errors import ConfigError
 from lmkv.hf import (
     Segment,
@@ -41,7 +42,7 @@ def chunk_tokens(seed: int, lengths: list[int]) -> list[list[int]]:
 
 def full_prefill(m, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out = m(input_ids=ids[None], use_cache=True)
-    return cache_to_kv(out.past_key_values), out.logits[0, -1]
+    return cache_to_kv(output_cache(out)), out.logits[0, -1]
 
 
 def plain_reuse(m, ids: torch.Tensor, segs: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,8 +56,8 @@ def plain_reuse(m, ids: torch.Tensor, segs: list[Segment]) -> tuple[torch.Tensor
                                                  torch.arange(s.start, s.end), spec, backend="reference")
         kv[:, 1, s.start:s.end] = s.kv[:, 1]
     cache = build_cache(kv)
-    out = m(input_ids=ids[None, covered:], past_key_values=cache, use_cache=True)
-    return cache_to_kv(out.past_key_values), out.logits[0, -1]
+    out = m(input_ids=ids[None, covered:], **cache_kwargs(cache), use_cache=True)
+    return cache_to_kv(output_cache(out)), out.logits[0, -1]
 
 
 def build(m, tokens: list[list[int]], order: list[int], suffix: list[int]):
@@ -215,11 +216,11 @@ def test_cache_drives_generate() -> None:
     ids, segs = build(m, tokens, [1, 0], [9, 8, 7])
     plain = m.generate(ids[None], max_new_tokens=6, do_sample=False, pad_token_id=0)
     cache, logits, _ = blend_prefill(m, ids, segs, ratio=1.0)
-    out = m.generate(ids[None], past_key_values=cache_for_generate(cache), max_new_tokens=6, do_sample=False,
+    out = m.generate(ids[None], **cache_kwargs(cache_for_generate(cache)), max_new_tokens=6, do_sample=False,
                      pad_token_id=0)
     assert torch.equal(out, plain)
     cache, logits, _ = blend_prefill(m, ids, segs, ratio=0.3)
-    out = m.generate(ids[None], past_key_values=cache_for_generate(cache), max_new_tokens=3, do_sample=False,
+    out = m.generate(ids[None], **cache_kwargs(cache_for_generate(cache)), max_new_tokens=3, do_sample=False,
                      pad_token_id=0)
     assert out[0, ids.shape[0]].item() == int(logits.argmax())
 

@@ -58,9 +58,10 @@ def test_cold_warm_partial(model, tmp_path: Path) -> None:
     assert cold.stats.stored_tokens == 53  # 3 full chunks of 16 + a partial chunk of 5
 
     warm = lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=NEW)
-    assert warm.stats.hit_tokens == 48  # the partial last chunk would leave no token to compute: full chunks only
+    # all but the last token: the stored partial last chunk is read whole and its last token computed again
+    assert warm.stats.hit_tokens == 52
     assert torch.equal(warm.sequences, want)
-    assert warm.stats.tiers.get("memory") == 48
+    assert warm.stats.tiers.get("memory") == 53
 
     longer = torch.cat([prompt, _ids(20, seed=3)], dim=1)
     part = lmkv.hf.generate(model, longer, engine=engine, max_new_tokens=NEW)
@@ -98,8 +99,8 @@ def test_restart_hits_from_disk(tmp_path: Path) -> None:
 
     fresh = KVEngine.for_model(model, _cfg(tmp_path))  # new memory tier, same disk directory
     out = lmkv.hf.generate(model, prompt, engine=fresh, max_new_tokens=NEW)
-    assert out.stats.hit_tokens == 64
-    assert out.stats.tiers.get("disk") == 64
+    assert out.stats.hit_tokens == 69
+    assert out.stats.tiers.get("disk") == 70
     assert torch.equal(out.sequences, want)
     fresh.close()
 
@@ -115,7 +116,7 @@ def test_through_redis(tmp_path: Path, redis_url: str) -> None:
     a.close()
     b = KVEngine.for_model(model, cfg)
     out = lmkv.hf.generate(model, prompt, engine=b, max_new_tokens=NEW)
-    assert out.stats.hit_tokens == 32 and out.stats.tiers.get("redis") == 32
+    assert out.stats.hit_tokens == 34 and out.stats.tiers.get("redis") == 35
     assert torch.equal(out.sequences, want)
     b.close()
 
@@ -174,7 +175,7 @@ def test_generate_hashes_the_prompt_once(tmp_path: Path, monkeypatch: pytest.Mon
     engine = KVEngine.for_model(model, _cfg(tmp_path))
     prompt = _ids(53, seed=12)
     calls = _count_calls(monkeypatch, hashing, ("chunk_keys", "batch_chunk_keys", "prefix_fingerprints"))
-    for label, want_hit in (("cold", 0), ("warm", 48)):
+    for label, want_hit in (("cold", 0), ("warm", 52)):
         calls.update(dict.fromkeys(calls, 0))
         out = lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=2)
         assert out.stats.hit_tokens == want_hit, label
@@ -206,7 +207,7 @@ def test_smollm2_warm_identical(tmp_path: Path) -> None:
     cold = lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=8)
     warm = lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=8)
     assert torch.equal(cold.sequences, want) and torch.equal(warm.sequences, want)
-    assert warm.stats.hit_tokens == (prompt.shape[1] - 1) // 64 * 64 > 0
+    assert warm.stats.hit_tokens == prompt.shape[1] - 1
     engine.close()
 
 
@@ -224,7 +225,7 @@ def test_warm_requests_reuse_one_cache_buffer_and_stay_exact(model, tmp_path: Pa
     for _round in range(2):
         for p, want in zip(prompts, wants, strict=True):
             out = lmkv.hf.generate(model, p, engine=engine, max_new_tokens=NEW)
-            assert out.stats.hit_tokens == (p.shape[1] - 1) // 16 * 16  # the partial last chunk ends past T - 1
+            assert out.stats.hit_tokens == p.shape[1] - 1  # the partial last chunk too, but for the last token
             assert torch.equal(out.sequences, want)
             answers.append(out.sequences)
         if _round == 0:
@@ -249,3 +250,103 @@ def test_adopt_cache_holds_the_buffer_without_a_copy() -> None:
                                                                                     kv[i, 1])
     with pytest.raises(ValueError, match="buffer must be"):
         adopt_cache(torch.zeros(3, 2, 9, 4))
+
+
+@pytest.mark.parametrize("length", [2, 3, 15, 16, 17, 31, 33, 100])
+def test_a_repeated_prompt_of_any_length_reuses_all_but_its_last_token(tmp_path: Path, length: int) -> None:
+    """Chunk boundaries do not matter: the second call of the same prompt computes only its last token."""
+    model = tiny_model("llama", seed=4)
+    engine = KVEngine.for_model(model, _cfg(tmp_path))
+    prompt = _ids(length, seed=length)
+    want = _plain(model, prompt)
+    lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=NEW)
+    warm = lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=NEW)
+    assert warm.stats.hit_tokens == length - 1 and warm.stats.computed_prompt_tokens == 1
+    assert torch.equal(warm.sequences, want)
+    engine.close()
+
+
+def test_another_model_of_the_same_shapes_is_refused_never_served(tmp_path: Path) -> None:
+    """Same geometry, other weights: an engine built for one model refuses the other (naming both), where a
+    geometry check alone would have served the first model's KV as a hit."""
+    from lmkv.errors import ModelMismatch
+
+    a, b = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
+    engine = KVEngine.for_model(a, _cfg(tmp_path))
+    prompt = _ids(40, seed=3)
+    lmkv.hf.generate(a, prompt, engine=engine, max_new_tokens=2)
+    with pytest.raises(ModelMismatch, match="is not the model this engine stores KV for") as err:
+        lmkv.hf.generate(b, prompt, engine=engine, max_new_tokens=2)
+    assert engine.model_id in str(err.value)
+    assert engine.lookup(prompt[0].tolist()) == 40  # a's KV is still there, for a
+    named = KVEngine.for_model(b, _cfg(tmp_path), model_id="my-b")  # a declared id is the caller's word
+    assert named.model_id == "my-b"
+    out = lmkv.hf.generate(b, prompt, engine=named, max_new_tokens=2)
+    assert torch.equal(out.sequences, _plain(b, prompt, 2))
+    named.close()
+    engine.close()
+
+
+def test_for_model_takes_config_keys_and_kvengine_is_importable_from_lmkv(tmp_path: Path) -> None:
+    from lmkv import KVEngine as Top
+
+    model = tiny_model("qwen2", seed=1)
+    eng = Top.for_model(model, _cfg(tmp_path), chunk_size=64, memory={"capacity": "32MiB"})
+    assert eng.chunk_size == 64 and eng.config.memory.capacity == 32 << 20
+    eng.close()
+    with pytest.raises(ValueError, match="chunk_siz"):
+        Top.for_model(model, _cfg(tmp_path), chunk_siz=64)
+
+
+def test_the_models_generation_config_decides_sampling(tmp_path: Path) -> None:
+    """A checkpoint that samples by default samples through lmkv too (same seed, same tokens as
+    ``model.generate``), where forcing greedy decoding would give the greedy tokens."""
+    model = tiny_model("llama", seed=5)
+    model.generation_config.do_sample, model.generation_config.top_k = True, 0
+    engine = KVEngine.for_model(model, _cfg(tmp_path))
+    prompt = _ids(30, seed=6)
+    torch.manual_seed(123)
+    want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12)
+    torch.manual_seed(123)
+    got = lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=12)
+    assert torch.equal(got.sequences, want)
+    assert not torch.equal(want, _plain(model, prompt, 12)), "the sampled tokens happen to be the greedy ones"
+    engine.close()
+
+
+@pytest.mark.parametrize("kwargs", [{"num_beams": 3}, {"num_beams": 3, "num_return_sequences": 2},
+                                    {"do_sample": False, "num_return_sequences": 1, "output_scores": True}])
+def test_generate_arguments_keep_their_meaning_warm(tmp_path: Path, kwargs: dict) -> None:
+    """Beams and several returned sequences work warm (the reused cache is expanded to generate's rows) and
+    equal model.generate; transformers' own output object comes back (scores when asked for)."""
+    model = tiny_model("qwen2", seed=3)
+    engine = KVEngine.for_model(model, _cfg(tmp_path))
+    prompt = _ids(37, seed=8)
+    want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False,
+                          return_dict_in_generate=True, **{k: v for k, v in kwargs.items() if k != "do_sample"})
+    lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=5, do_sample=False)  # stores
+    warm = lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=5, **{"do_sample": False, **kwargs})
+    assert warm.stats.hit_tokens == 36
+    assert torch.equal(warm.sequences, want.sequences)
+    if kwargs.get("output_scores"):
+        assert len(warm.output.scores) == 5 and warm.output.scores[0].shape == want.scores[0].shape
+        assert torch.equal(warm.output.scores[0].argmax(-1), want.scores[0].argmax(-1))
+    engine.close()
+
+
+@pytest.mark.parametrize("kwargs", [{"cache_implementation": "static"}, {"own_cache": True}])
+def test_a_call_that_cannot_reuse_runs_cold_with_a_warning(tmp_path: Path, kwargs: dict) -> None:
+    from transformers import DynamicCache
+
+    from lmkv.adapters.hf.compat import cache_kwargs
+
+    model = tiny_model("llama", seed=6)
+    engine = KVEngine.for_model(model, _cfg(tmp_path))
+    prompt = _ids(40, seed=9)
+    lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=4)  # stores: a hit is there to be had
+    extra = cache_kwargs(DynamicCache()) if kwargs.get("own_cache") else kwargs
+    with pytest.warns(UserWarning, match="without reuse"):
+        out = lmkv.hf.generate(model, prompt, engine=engine, max_new_tokens=4, **extra)
+    assert out.stats.hit_tokens == 0 and out.stats.stored_tokens == 0
+    assert torch.equal(out.sequences, _plain(model, prompt, 4))
+    engine.close()

@@ -90,6 +90,7 @@ def run_demo(*, doc_tokens: int = 4000, questions: int = 4, max_new_tokens: int 
 
     from lmkv import config as lmkv_config
     from lmkv.adapters.hf import build_cache, cache_to_kv, generate
+    from lmkv.adapters.hf.compat import cache_kwargs
     from lmkv.engine import KVEngine
     from lmkv.tools.models import load_smollm2
 
@@ -125,7 +126,7 @@ def run_demo(*, doc_tokens: int = 4000, questions: int = 4, max_new_tokens: int 
         with torch.no_grad():
             for s in tqdm(range(0, common, step), desc="prefill document", unit="chunk"):
                 ids = first_ids[:, s : min(common, s + step)]
-                model(input_ids=ids, past_key_values=cache, use_cache=True,
+                model(input_ids=ids, **cache_kwargs(cache), use_cache=True,
                       cache_position=torch.arange(s, s + ids.shape[1]))
         engine.store(doc_tokens_list, cache_to_kv(cache, 0, common))
         engine.flush()

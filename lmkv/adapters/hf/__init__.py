@@ -2,7 +2,9 @@
 
 - :mod:`~lmkv.adapters.hf.cache`: lmkv chunks ``[L, 2, T, H, D]`` <-> ``DynamicCache`` (``build_cache``,
   ``cache_to_kv``);
-- :mod:`~lmkv.adapters.hf.generate`: ``generate()`` with prefix reuse (the cache is passed as ``past_key_values``);
+- :mod:`~lmkv.adapters.hf.generate`: ``generate()`` with prefix reuse;
+- :mod:`~lmkv.adapters.hf.compat`: the cache argument of the installed transformers (``cache=`` from 5.24,
+  ``past_key_values=`` before);
 - :mod:`~lmkv.adapters.hf.blend`: CacheBlend's per-layer steps of HF LLaMA-family models, ``blend_prefill`` and
   ``generate(blend=True)``;
 - :mod:`~lmkv.adapters.hf.support`: the one check of which models and setups are served

@@ -9,7 +9,7 @@ model's per-layer steps (:class:`HFSteps`, the model's own modules: nothing is m
 result into a transformers cache.
 
 ``ratio=1.0`` recomputes everything (a full prefill); ``ratio=0.0`` is plain reuse. Continue generation from the
-result with ``model.generate(input_ids, past_key_values=cache_for_generate(cache))`` (generate recomputes the
+result with ``model.generate(input_ids, cache=cache_for_generate(cache))`` (generate recomputes the
 last token, exactly as blending did) or step the model yourself with ``cache`` and ``logits``.
 
 ``lmkv.hf.generate(..., blend=True)`` (:func:`blended_cache`): the prompt is cut on a separator token sequence
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmkv.adapters.hf.cache import build_cache, cache_to_kv
+from lmkv.adapters.hf.compat import output_cache
 from lmkv.adapters.hf.support import SUPPORTED_MODEL_TYPES, decoder, refuse_unsupported, rope_spec
 from lmkv.blend_steps import BlendStats, Segment
 from lmkv.config import BlendConfig
@@ -98,7 +99,7 @@ def prefill_kv(model: Any, input_ids: torch.Tensor | Sequence[int]) -> tuple[tor
     """Plain full prefill: ``(kv [L, 2, T, H, D], last-position logits [V])`` (how a chunk is cached on its own)."""
     ids = blend_ops.as_token_ids(input_ids, next(model.parameters()).device)
     out = model(input_ids=ids[None], use_cache=True, logits_to_keep=1)
-    return cache_to_kv(out.past_key_values), out.logits[0, -1]
+    return cache_to_kv(output_cache(out)), out.logits[0, -1]
 
 
 @torch.no_grad()
@@ -145,7 +146,7 @@ def blend_prefill(
 
 
 def cache_for_generate(cache: Any) -> Any:
-    """A copy of a blended cache without its last token, for ``model.generate(input_ids, past_key_values=...)``:
+    """A copy of a blended cache without its last token, for ``model.generate(input_ids, cache=...)``:
     generate then recomputes the last prompt token over the blended cache, exactly as blend_prefill did."""
     kv = cache_to_kv(cache)
     return build_cache(kv[:, :, : kv.shape[2] - 1])

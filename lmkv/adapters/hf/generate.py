@@ -12,6 +12,7 @@ retrieve and the store; with ``store_generated`` the longer sequence gets a plan
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ import torch
 
 from lmkv.adapters.hf.blend import blended_cache
 from lmkv.adapters.hf.cache import adopt_cache, build_cache, cache_buffer, cache_to_kv
+from lmkv.adapters.hf.compat import cache_kwargs, output_cache
 from lmkv.adapters.hf.support import refuse_unsupported
 from lmkv.storage.buffers import BufferPool
 
@@ -45,8 +47,9 @@ class GenerateStats:
 
 @dataclass
 class GenerateOutput:
-    sequences: torch.Tensor  # [1, T + new]
+    sequences: torch.Tensor  # [R, T + new]: R = max(num_beams, num_return_sequences) rows, as model.generate
     stats: GenerateStats
+    output: Any = None  # transformers' own output object (scores, logits, ... when asked for)
 
     def new_tokens(self) -> torch.Tensor:
         return self.sequences[0, self.stats.prompt_tokens :]
@@ -93,22 +96,28 @@ CACHE_BUFFERS = BufferPool(1 << 30)
 def _prefix_cache(model: Any, plan: Any, engine: KVEngine, stats: GenerateStats) -> tuple[Any, int, Any]:
     """``(DynamicCache of the longest stored prefix or None, its length, buffer lease or None)``, keeping >= 1
     prompt token to compute. On CPU the stored KV is copied once, straight into the tensors the model reads, which
-    live in a reused buffer; release the lease when generation is done."""
-    hit = min(engine.lookup(plan), stats.prompt_tokens - 1)
-    if hit <= 0:
+    live in a reused buffer; release the lease when generation is done.
+
+    The stored extent may end at the prompt's end (its partial last chunk, stored by an earlier call): that chunk
+    is read whole and its last token dropped, so a repeated prompt of any length reuses all but one token."""
+    extent = engine.lookup(plan)
+    keep = stats.prompt_tokens - 1  # the model computes the last prompt token: its logits pick the first new one
+    if min(extent, keep) <= 0:
         return None, 0, None
     t0 = time.perf_counter()
     g = engine.geometry
     if model.device.type != "cpu" or model.dtype != g.dtype or g.mla:
-        kv, hit = engine.retrieve(plan, end=hit)
+        kv, n = engine.retrieve(plan, end=extent)
         stats.retrieve_s = time.perf_counter() - t0
-        if hit <= 0:
+        n = min(n, keep)
+        if n <= 0:
             return None, 0, None
-        return build_cache(kv.to(device=model.device, dtype=model.dtype), model.config), hit, None
-    lease = CACHE_BUFFERS.take(g.bytes_per_token * hit)
-    buffer, view = cache_buffer(g.num_layers, g.num_kv_heads, hit, g.head_dim, g.dtype, lease.data)
-    _, n = engine.retrieve(plan, end=hit, out=view)
+        return build_cache(kv[:, :, :n].to(device=model.device, dtype=model.dtype), model.config), n, None
+    lease = CACHE_BUFFERS.take(g.bytes_per_token * extent)
+    buffer, view = cache_buffer(g.num_layers, g.num_kv_heads, extent, g.head_dim, g.dtype, lease.data)
+    _, n = engine.retrieve(plan, end=extent, out=view)
     stats.retrieve_s = time.perf_counter() - t0
+    n = min(n, keep)
     if n <= 0:
         lease.release()
         return None, 0, None
@@ -116,20 +125,38 @@ def _prefix_cache(model: Any, plan: Any, engine: KVEngine, stats: GenerateStats)
 
 
 def _run(model: Any, input_ids: torch.Tensor, cache: Any, generate_kwargs: dict[str, Any]) -> tuple[Any, float]:
-    """``model.generate`` from ``cache``: ``(output with past_key_values, time of the first token's scores)``."""
+    """``model.generate`` from ``cache``: ``(output with its cache, time of the first token's scores)``."""
     from transformers import LogitsProcessorList
 
     stamp: list[float] = []
     kwargs = dict(generate_kwargs)
     processors = list(kwargs.pop("logits_processor", None) or [])
     processors.append(_clock_processor(stamp))
-    kwargs.setdefault("do_sample", False)
-    if cache is not None:
-        kwargs["past_key_values"] = cache
+    # no do_sample default of lmkv's own: the model's generation_config decides, as in model.generate
+    kwargs.update(cache_kwargs(cache))  # ``cache=`` or ``past_key_values=``, as the installed transformers names it
     kwargs.update(return_dict_in_generate=True, use_cache=True)
     out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                          logits_processor=LogitsProcessorList(processors), **kwargs)
     return out, (stamp[0] if stamp else time.perf_counter())
+
+
+def _cold_reason(model: Any, kwargs: dict[str, Any]) -> str | None:
+    """Why this call cannot start from a reused cache (it then runs cold, as model.generate), or None."""
+    if any(k in kwargs for k in ("cache", "past_key_values")):
+        return "the call passes its own cache"
+    gc = kwargs.get("generation_config") or model.generation_config
+    impl = kwargs.get("cache_implementation", getattr(gc, "cache_implementation", None))
+    if impl not in (None, "dynamic"):
+        return f"cache_implementation={impl!r} (lmkv reuses KV through a DynamicCache)"
+    return None
+
+
+def _rows(model: Any, kwargs: dict[str, Any]) -> int:
+    """The rows generate expands the prompt to: ``max(num_beams, num_return_sequences)`` (transformers' rule)."""
+    gc = kwargs.get("generation_config") or model.generation_config
+    beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1
+    returned = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
+    return max(int(beams), int(returned), 1)
 
 
 def _store(out: Any, plan: Any, engine: KVEngine, store_generated: bool, stats: GenerateStats) -> None:
@@ -138,10 +165,11 @@ def _store(out: Any, plan: Any, engine: KVEngine, store_generated: bool, stats: 
     full = out.sequences[0].tolist()
     # The cache holds KV for every token fed to the model: the prompt and all but the last generated token.
     usable = len(full) - 1 if store_generated else stats.prompt_tokens
-    usable = min(usable, out.past_key_values.get_seq_length())
+    kv_cache = output_cache(out)
+    usable = min(usable, kv_cache.get_seq_length())
     if usable != stats.prompt_tokens:
         plan = engine.plan(full[:usable])  # a different sequence: its own plan
-    stats.stored_tokens = engine.store(plan, cache_to_kv(out.past_key_values, 0, usable))
+    stats.stored_tokens = engine.store(plan, cache_to_kv(kv_cache, 0, usable))
     stats.store_s = time.perf_counter() - t0
 
 
@@ -171,13 +199,23 @@ def generate(
         blend: reuse non-prefix chunks with CacheBlend (see :mod:`lmkv.adapters.hf.blend`); the prompt's chunks
             are separated by ``blend_separator`` (token ids) or ``config.blend.separator`` tokenized with
             ``tokenizer``. Blended KV is approximate, so it is not stored under prefix keys.
-        **generate_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample`` ...).
+        **generate_kwargs: passed to ``model.generate`` with their meaning kept (``max_new_tokens``, sampling
+            defaults from the model's generation config, ``num_beams``, ``num_return_sequences``,
+            ``output_scores``, streamers, stopping criteria ...). A call that passes its own cache, or a cache
+            implementation other than the dynamic one, runs cold with a warning naming why.
     Returns:
-        :class:`GenerateOutput` with ``sequences [1, T + new]`` and :class:`GenerateStats`.
+        :class:`GenerateOutput`: ``sequences [R, T + new]`` (R rows as ``model.generate``), :class:`GenerateStats`,
+        and ``output``, transformers' own output object.
     """
     refuse_unsupported(model, blend=blend and reuse)
     input_ids = _as_single_row(input_ids, attention_mask)
     engine.check_model(model)
+    cold = _cold_reason(model, generate_kwargs)
+    if cold is not None and (reuse or store):
+        warnings.warn(f"lmkv.hf.generate runs this call without reuse: {cold}", stacklevel=2)
+        reuse = store = False
+    rows = _rows(model, generate_kwargs)
+    store_generated = store_generated and rows == 1  # beams reorder the cache rows: only the prompt is row 0's
     stats = GenerateStats(prompt_tokens=input_ids.shape[1])
     t0 = time.perf_counter()
     prefix = not blend and (reuse or store)
@@ -193,6 +231,8 @@ def generate(
         stats.hit_tokens = hit
         stats.computed_prompt_tokens = stats.prompt_tokens - hit
         stats.tiers = engine.last_tiers() if hit else {}
+        if cache is not None and rows > 1:
+            cache.batch_repeat_interleave(rows)  # generate expands the prompt rows, not a cache it was given
         out, first_token = _run(model, input_ids, cache, generate_kwargs)
         del cache  # its layers hold the reused buffer only until the first forward step replaced them
         stats.ttft_s = first_token - t0
@@ -203,7 +243,7 @@ def generate(
         if lease is not None:
             lease.release()
     stats.total_s = time.perf_counter() - t0
-    return GenerateOutput(sequences=out.sequences, stats=stats)
+    return GenerateOutput(sequences=out.sequences, stats=stats, output=out)
 
 
 __all__ = ["generate", "GenerateOutput", "GenerateStats"]
