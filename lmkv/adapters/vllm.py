@@ -21,7 +21,9 @@ what any worker on the host stored; set ``node: {enabled: false}`` to turn it of
 Limits (refused with a clear error naming the versions, never served wrong): vLLM's CPU attention backend with
 a kernel whose KV layout lmkv's tests verified (``vec``, ``vec16``, ``amx``), proven again at
 ``register_kv_caches`` by calibration with vLLM's own cache write (:mod:`lmkv.adapters.vllm_layout`); one KV
-cache group of ordinary full attention (no hybrid / sliding-window groups, no MLA), ``cache_dtype="auto"``
+cache group of full attention (a model mixing sliding-window and full-attention layers is one: vLLM turns its
+hybrid KV cache manager off for this connector, which is not ``SupportsHMA``; all-sliding-window models and
+per-group blocks are refused; no MLA), ``cache_dtype="auto"``
 (no fp8 KV with scales), no pipeline parallelism. Tensor parallelism stores one key space per rank; the
 scheduler looks up rank 0's. A prompt is stored once, when its prefill completes; with ``save_outputs`` (default
 true) a request that finished normally also stores the whole chunks holding its generated tokens (the next turn of
@@ -289,6 +291,28 @@ class EngineRegistry:
 REGISTRY = EngineRegistry()
 
 
+def hma_refusal(groups: list[Any]) -> str:
+    """Why more than one KV cache group is refused: vLLM's hybrid KV cache manager (HMA) gives each group its own
+    block ids, and this connector moves one block table for all layers."""
+    kinds = ", ".join(type(g.kv_cache_spec).__name__ for g in groups)
+    return (f"{len(groups)} KV cache groups ({kinds}): vLLM's hybrid KV cache manager (HMA) hands a connector "
+            "per-group block ids, which LmkvConnector does not support (it is not SupportsHMA); serve with "
+            "--disable-hybrid-kv-cache-manager, which keeps a model that mixes sliding-window and full-attention "
+            "layers in one full-attention group that lmkv serves")
+
+
+def sliding_window_refusal(spec: Any) -> str:
+    """Why a ``SlidingWindowSpec`` group (every attention layer sliding-window) is refused, and what to do."""
+    window = getattr(spec, "sliding_window", None)
+    # vLLM's SlidingWindowManager frees a request's blocks behind the window and puts its null block in their
+    # place: no prompt's KV is left whole to store, and a load would write into the shared null block.
+    return (f"KV cache spec SlidingWindowSpec (every attention layer sliding-window, sliding_window={window}): "
+            "vLLM frees the KV blocks behind the window, so lmkv can neither store a prompt's KV nor load it "
+            "back. Serve this model without lmkv, or with --disable-sliding-window and --max-model-len at most "
+            f"{window} (vLLM then uses full attention, the same result within the window). Models that mix "
+            "sliding-window and full-attention layers (e.g. Gemma 3) are served")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The connector
 # ------------------------------------------------------------------------------------------------------------
@@ -385,10 +409,14 @@ class LmkvConnector(KVConnectorBase_V1):
         if getattr(mc, "use_mla", False):
             raise _refuse("MLA models are not supported")
         groups = getattr(self._kv_cache_config, "kv_cache_groups", None)
-        if groups is not None and len(groups) != 1:
-            raise _refuse(f"{len(groups)} KV cache groups (hybrid attention); only one full-attention group")
+        if groups is not None and len(groups) > 1:
+            raise _refuse(hma_refusal(groups))
+        if groups is not None and not groups:
+            raise _refuse("no KV cache group (an attention-free model): nothing to store")
         if groups:
             spec = groups[0].kv_cache_spec
+            if type(spec).__name__ == "SlidingWindowSpec":
+                raise _refuse(sliding_window_refusal(spec))
             if type(spec).__name__ != "FullAttentionSpec":
                 raise _refuse(f"KV cache spec {type(spec).__name__}; only FullAttentionSpec is supported")
 
