@@ -398,7 +398,9 @@ def run_server(label: str, kind: str, kv_gib: float, lmkv: dict[str, Any] | None
 
     from lmkv.testing import VllmServer
 
+    # a config label may run twice in a repeat (b,e,b+layerwise,e,b,e): each server gets logs of its own
     slug = f"r{passes[0]['rep'] if passes else 0}-kv{kv_gib:g}-{label}".replace("(", "_").replace(")", "")
+    slug += f"-{len(list(logdir.glob(slug + '*.log')))}" if (logdir / f"{slug}.log").exists() else ""
     log_path = logdir / f"{slug}.log"
     events_path = logdir / f"{slug}.events.jsonl" if lmkv is not None else None
     args = ["--served-model-name", "smollm2", "--dtype", opts.dtype, "--block-size", str(BLOCK),
