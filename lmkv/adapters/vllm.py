@@ -546,7 +546,7 @@ class LmkvConnector(KVConnectorBase_V1):
         (:class:`lmkv.adapters.vllm_layerwise.LayerLoads`); each attention layer waits for its own."""
         from lmkv.adapters.vllm_layerwise import LayerLoads
 
-        def read(i: int, tokens: list[int], out: torch.Tensor, start: int) -> tuple[int, dict[str, int]]:
+        def read(tokens: list[int], out: torch.Tensor, start: int) -> tuple[int, dict[str, int]]:
             tiers: dict[str, int] = {}
             _, n = self._engine.retrieve(tokens, out=out, start=start, tiers_out=tiers)
             return n, tiers

@@ -13,7 +13,8 @@ it wrote the layer's KV. With ``layerwise`` on:
   pool). A save whose layers did not all pass through ``save_kv_layer`` (a step without a forward pass) is gathered
   whole, as without ``layerwise``.
 
-Whether this helps is measured, not assumed (docs/vllm.md, "Layerwise"). Buffers are reused across steps.
+Whether this helps is measured, not assumed (docs/results.md, "Round 2, [5/9]", run 4: on CPU it does not, so the
+option is off by default). Buffers are reused across steps.
 """
 
 from __future__ import annotations
@@ -50,13 +51,13 @@ class LayerLoads:
     Args:
         specs: the step's loads, each ``(token_ids, slots [T] int64, skip, end)``: tokens ``[skip, end)`` go to
             their slots (``slots`` covers ``token_ids``; -1 outside ``[skip, end)``).
-        read: ``read(i, token_ids, out, start) -> (valid, tiers)``: load spec ``i``'s stored chunks into ``out``
+        read: ``read(token_ids, out, start) -> (valid, tiers)``: load a spec's stored chunks into ``out``
             ``[L, 2, T, H, D]`` from ``start`` (the engine's ``retrieve``); ``valid`` tokens are right from 0.
         layers: one :class:`~lmkv.ops.paged.PagedCache` per layer, in forward order.
     """
 
     def __init__(self, specs: Sequence[tuple[list[int], torch.Tensor, int, int]],
-                 read: Callable[[int, list[int], torch.Tensor, int], tuple[int, dict[str, int]]],
+                 read: Callable[[list[int], torch.Tensor, int], tuple[int, dict[str, int]]],
                  layers: Sequence[paged.PagedCache], staging: StagingBuffer, executor: ThreadPoolExecutor) -> None:
         self._specs, self._read, self._layers, self._staging = list(specs), read, list(layers), staging
         self._ready = [threading.Event() for _ in self._layers]
@@ -74,10 +75,10 @@ class LayerLoads:
             total = sum(len(s[0]) for s in self._specs)
             stage = self._staging.take(total)
             placed, off = [], 0
-            for i, (tokens, slots, skip, end) in enumerate(self._specs):
+            for tokens, slots, skip, end in self._specs:
                 out = stage[:, :, off:off + len(tokens)]
                 try:
-                    valid, tiers = self._read(i, tokens, out, skip)
+                    valid, tiers = self._read(tokens, out, skip)
                 except Exception:  # noqa: BLE001 - reported by the caller as a failed load
                     valid, tiers = skip, {}
                 placed.append((out, slots, skip, max(skip, min(valid, end)), tiers))

@@ -140,12 +140,17 @@ def _run(model: Any, input_ids: torch.Tensor, cache: Any, generate_kwargs: dict[
     return out, (stamp[0] if stamp else time.perf_counter())
 
 
+def _setting(model: Any, kwargs: dict[str, Any], name: str, default: Any) -> Any:
+    """A generation setting as generate sees it: the call's keyword, else its generation_config, else the model's."""
+    gc = kwargs.get("generation_config") or model.generation_config
+    return kwargs.get(name, getattr(gc, name, default))
+
+
 def _cold_reason(model: Any, kwargs: dict[str, Any]) -> str | None:
     """Why this call cannot start from a reused cache (it then runs cold, as model.generate), or None."""
     if any(k in kwargs for k in ("cache", "past_key_values")):
         return "the call passes its own cache"
-    gc = kwargs.get("generation_config") or model.generation_config
-    impl = kwargs.get("cache_implementation", getattr(gc, "cache_implementation", None))
+    impl = _setting(model, kwargs, "cache_implementation", None)
     if impl not in (None, "dynamic"):
         return f"cache_implementation={impl!r} (lmkv reuses KV through a DynamicCache)"
     return None
@@ -153,9 +158,8 @@ def _cold_reason(model: Any, kwargs: dict[str, Any]) -> str | None:
 
 def _rows(model: Any, kwargs: dict[str, Any]) -> int:
     """The rows generate expands the prompt to: ``max(num_beams, num_return_sequences)`` (transformers' rule)."""
-    gc = kwargs.get("generation_config") or model.generation_config
-    beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1
-    returned = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
+    beams = _setting(model, kwargs, "num_beams", 1) or 1
+    returned = _setting(model, kwargs, "num_return_sequences", 1) or 1
     return max(int(beams), int(returned), 1)
 
 
