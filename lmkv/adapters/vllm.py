@@ -828,7 +828,8 @@ class LmkvConnector(KVConnectorBase_V1):
         :meth:`get_num_new_matched_tokens`), a reported one is no longer awaited."""
         bad = set(getattr(connector_output, "invalid_block_ids", None) or ())
         for rid, blocks in self._awaited.items():
-            if blocks & bad:
+            # a finished (aborted) request is never looked up again: remembering its failure would leak it
+            if blocks & bad and rid in self._reqs:
                 self._failed.add(rid)
         for rid in getattr(connector_output, "finished_recving", None) or ():
             self._awaited.pop(rid, None)

@@ -34,17 +34,23 @@ def corrupt_objects(root: str) -> int:
     return n
 
 
-def _wait_for_lookup(events_path: str, rid: str, timeout: float = 120.0) -> None:
-    """Until the scheduler connector has looked up request ``rid`` (vLLM may suffix the id it was given)."""
+def _events(events_path: str) -> list[dict]:
+    if not (events_path and Path(events_path).exists()):
+        return []
+    return [json.loads(line) for line in Path(events_path).read_text().splitlines() if line.strip()]
+
+
+def _wait_for(events_path: str, rid: str, kind: str, role: str | None = None, timeout: float = 120.0) -> dict:
+    """Until the connector wrote an event ``kind`` (by ``role``, if given) for request ``rid`` (vLLM may suffix
+    the id it was given); returns the first such event."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if events_path and Path(events_path).exists():
-            for line in Path(events_path).read_text().splitlines():
-                row = json.loads(line)
-                if row.get("event") == "lookup" and str(row.get("req", "")).startswith(rid):
-                    return
+        for row in _events(events_path):
+            if row.get("event") == kind and str(row.get("req", "")).startswith(rid) and \
+                    role in (None, row.get("role")):
+                return row
         time.sleep(0.01)
-    raise TimeoutError(f"no lookup of request {rid!r} in {events_path!r} after {timeout} s")
+    raise TimeoutError(f"no {kind} event of request {rid!r} in {events_path!r} after {timeout} s")
 
 
 def main(plan_path: str, out_path: str) -> None:
@@ -85,10 +91,15 @@ def main(plan_path: str, out_path: str) -> None:
             engine.add_request(rid, {"prompt_token_ids": prompts[step["name"]]}, sp)
             # EngineCore runs its own loop in another process (step() would block until the first token), so
             # the abort is timed by the scheduler connector's lookup event for this prompt.
-            _wait_for_lookup(plan["lmkv"].get("events_path", ""), rid)
+            events = plan["lmkv"].get("events_path", "")
+            lookup = _wait_for(events, rid, "lookup")
             engine.abort_request([rid])
             while engine.has_unfinished_requests():
                 engine.step()
+            if lookup.get("background"):
+                # EngineCore holds an aborted request's blocks until the worker reports its background load; the
+                # next step (a corruption of the files it reads, say) must not overtake that load.
+                _wait_for(events, rid, "load", role="WORKER")
             out["aborted"].append(rid)
         elif step["do"] == "corrupt":
             out["corrupted"] += corrupt_objects(step["dir"])

@@ -370,3 +370,28 @@ def test_an_on_off_key_must_be_a_boolean(value: Any) -> None:
         with pytest.raises(ConfigError, match=f"kv_connector_extra_config.{key}"):
             adapter_flag({key: value}, key, False)
         assert adapter_flag({key: True}, key, False) is True and adapter_flag({}, key, True) is True
+
+
+@pytest.mark.parametrize("aborted_first", [True, False])
+def test_a_failed_background_load_of_an_aborted_request_leaves_no_state(aborted_first: bool) -> None:
+    """vLLM reports an aborted request's background load after request_finished (it held the blocks until then):
+    its failed blocks are not remembered for a lookup that never comes, so the tables drain to zero. A live
+    request's failure is remembered until it finishes."""
+    from lmkv.adapters.vllm import _ReqState
+
+    c = _scheduler_state({"chunk_size": 64, "node": {"enabled": True, "path": "/dev/shm/lmkv-unit-never-opened"},
+                          "disk": {"enabled": False}})
+    c.block_size, c._save_outputs, c._events_path = 16, False, None
+    c._reqs, c._lookup_at, c._plans, c._failed, c._awaited, c._finishing = {}, {}, {}, set(), {}, []
+    c._reqs["r"] = _ReqState(prompt=list(range(100)))
+    c._awaited["r"] = {3, 4}
+    req = SimpleNamespace(request_id="r", status=None, all_token_ids=list(range(100)), num_computed_tokens=0)
+    report = SimpleNamespace(invalid_block_ids={4}, finished_recving={"r"})
+    if aborted_first:
+        c.request_finished(req, [1, 2, 3, 4])
+        c.update_connector_output(report)
+    else:
+        c.update_connector_output(report)
+        assert c._failed == {"r"}
+        c.request_finished(req, [1, 2, 3, 4])
+    assert (c._reqs, c._failed, c._awaited, c._lookup_at, c._plans) == ({}, set(), {}, {}, {})
