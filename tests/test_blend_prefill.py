@@ -264,9 +264,9 @@ def test_unsupported_setups_raise_the_one_error() -> None:
     from lmkv.hf import refuse_unsupported
 
     sliding = tiny_model("mistral", seed=1, sliding_window=8)
-    for blend_too in (False, True):
-        with pytest.raises(Unsupported, match="sliding"):
-            refuse_unsupported(sliding, blend=blend_too)
+    refuse_unsupported(sliding)  # prefix reuse serves sliding windows exactly (tests/test_hf_windows.py)
+    with pytest.raises(Unsupported, match="sliding"):
+        refuse_unsupported(sliding, blend=True)
     with pytest.raises(Unsupported, match="sliding"):
         blend_prefill(sliding, torch.arange(4), [])
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))

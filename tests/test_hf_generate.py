@@ -143,16 +143,15 @@ def test_engine_store_retrieve_roundtrip(tmp_path: Path) -> None:
 def test_refusals(tmp_path: Path) -> None:
     model = tiny_model("llama", seed=1)
     engine = KVEngine.for_model(model, _cfg(tmp_path))
-    with pytest.raises(ValueError, match="batch"):
-        lmkv.hf.generate(model, _ids(10, 1).repeat(2, 1), engine=engine, max_new_tokens=2)
-    with pytest.raises(ValueError, match="padding"):
-        lmkv.hf.generate(model, _ids(10, 1), engine=engine, attention_mask=torch.tensor([[0] + [1] * 9]))
+    with pytest.raises(ValueError, match="right padding"):  # batches are left-padded (tests/test_hf_batch.py)
+        lmkv.hf.generate(model, _ids(10, 1), engine=engine, attention_mask=torch.tensor([[1] * 9 + [0]]))
     other = tiny_model("llama", seed=1, num_hidden_layers=2)
     with pytest.raises(GeometryMismatch):
         lmkv.hf.generate(other, _ids(10, 1), engine=engine, max_new_tokens=2)
-    sliding = tiny_model("mistral", seed=1, sliding_window=8)
-    with pytest.raises(ValueError, match="sliding"):
-        lmkv.hf.generate(sliding, _ids(10, 1), engine=KVEngine.for_model(sliding, _cfg(tmp_path)))
+    sliding = tiny_model("mistral", seed=1, sliding_window=8)  # served exactly (tests/test_hf_windows.py) ...
+    with pytest.raises(ValueError, match="sliding"):  # ... but not blended
+        lmkv.hf.generate(sliding, _ids(10, 1), engine=KVEngine.for_model(sliding, _cfg(tmp_path)), blend=True,
+                         blend_separator=[5])
     engine.close()
 
 

@@ -162,20 +162,36 @@ _TINY_BASE: dict[str, Any] = dict(
 )
 
 
-def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
-    """A small transformers config of ``arch`` in {"llama", "qwen2", "mistral"}."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+# What each tiny architecture needs beyond _TINY_BASE. Sliding windows are off unless asked for (pass
+# ``sliding_window=W``; Qwen2 also ``use_sliding_window=True``), except in Gemma2/3, whose layers alternate.
+_TINY_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": False}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16, "use_sliding_window": False}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "phi3": ("Phi3Config", {"sliding_window": None, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 8, "pad_token_id": 0, "bos_token_id": 1,
+                                "eos_token_id": 2}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8, "sliding_window_pattern": 2,
+                                    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "gpt_oss": ("GptOssConfig", {"head_dim": 16, "intermediate_size": 64, "num_local_experts": 4,
+                                 "num_experts_per_tok": 2, "sliding_window": 8, "pad_token_id": 0, "bos_token_id": 1,
+                                 "eos_token_id": 2}),
+}
 
-    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
-    if arch not in classes:
-        raise ValueError(f"arch must be one of {sorted(classes)}, got {arch!r}")
-    kwargs = dict(_TINY_BASE)
-    if arch == "mistral":
-        kwargs["sliding_window"] = None  # full attention: sliding-window layers are refused by the HF adapter
-    if arch == "qwen2":
-        kwargs["use_sliding_window"] = False
-    kwargs.update(overrides)
-    return classes[arch](**kwargs)
+
+def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
+    """A small transformers config of ``arch`` (one of ``_TINY_ARCHS``: llama, qwen2, qwen3, mistral, phi3,
+    gemma2, gemma3, gpt_oss; an architecture the installed transformers lacks raises ValueError)."""
+    import transformers
+
+    if arch not in _TINY_ARCHS:
+        raise ValueError(f"arch must be one of {sorted(_TINY_ARCHS)}, got {arch!r}")
+    name, extra = _TINY_ARCHS[arch]
+    if not hasattr(transformers, name):
+        raise ValueError(f"arch {arch!r}: transformers {transformers.__version__} has no {name}")
+    kwargs = {**_TINY_BASE, **extra, **overrides}
+    return getattr(transformers, name)(**kwargs)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:

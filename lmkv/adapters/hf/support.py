@@ -1,8 +1,9 @@
 """The one check of what the transformers adapter serves exactly; everything else raises :class:`Unsupported`.
 
-Prefix reuse (``generate``) needs full attention in every layer: a sliding window, or layers of another kind
-(linear attention, chunked, ...), make a reused cache differ from a fresh prefill. CacheBlend (``blend=True``)
-additionally runs its own forward over the model's modules, so it needs a LLaMA-family decoder it knows, and
+Prefix reuse (``generate``) serves full-attention and sliding-window layers: KV of a prefix is the same whether
+computed now or earlier, and :mod:`lmkv.adapters.hf.cache` gives each layer what a fresh prefill leaves in it.
+Layers of another kind (linear attention, recurrent state, chunked attention ...) are refused. CacheBlend
+(``blend=True``) runs its own forward over the model's modules, so it needs full attention, a decoder it knows, and
 RoPE it can re-rotate: one whose rotation depends on the position alone (:mod:`lmkv.rope`), applied without
 attention scaling, and matching the frequencies the model's own rotary embedding uses.
 """
@@ -17,25 +18,50 @@ from lmkv.errors import Unsupported
 from lmkv.rope import RopeSpec
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+PREFIX_LAYER_TYPES = ("full_attention", "sliding_attention")
 _DECODER_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
 
 
-def _text_config(config: Any) -> Any:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+def layer_types(config: Any) -> list[str]:
+    """Each decoder layer's attention type as transformers lays out its cache (``DynamicCache(config=...)``):
+    ``layer_types`` where the config has it, else ``sliding_attention`` where the layer has a ``sliding_window``."""
+    from transformers import cache_utils
+
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    infer = getattr(cache_utils, "get_layer_types_and_kwargs", None)
+    if infer is not None:
+        return list(infer(text)[0])
+    found = getattr(text, "layer_types", None)  # transformers before the helper existed
+    if found is None:
+        window = getattr(text, "sliding_window", None)
+        found = ["sliding_attention" if window else "full_attention"] * text.num_hidden_layers
+    return list(found)
 
 
-def _refuse_attention(text: Any) -> None:
-    layer_types = getattr(text, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
+def has_sliding_layers(config: Any) -> bool:
+    return "sliding_attention" in layer_types(config)
+
+
+def _sliding_layers_record() -> bool:
+    from transformers import cache_utils
+
+    return hasattr(getattr(cache_utils, "DynamicSlidingWindowLayer", None), "activate_past_recording")
+
+
+def _refuse_attention(config: Any, *, blend: bool) -> None:
+    types = set(layer_types(config))
+    others = types - set(PREFIX_LAYER_TYPES)
+    if others:
         raise Unsupported(
-            f"model has non-full-attention layers {sorted(set(layer_types))}: lmkv reuse supports full attention only"
+            f"model has {sorted(others)} layers: lmkv reuse supports {list(PREFIX_LAYER_TYPES)} attention layers "
+            "(linear-attention, recurrent and other layer kinds keep state a stored prefix cannot rebuild)"
         )
-    window = getattr(text, "sliding_window", None)
-    if window and getattr(text, "use_sliding_window", True) is not False:
-        raise Unsupported(
-            f"model uses sliding-window attention (sliding_window={window}); lmkv refuses it because a reused "
-            "window cache is not equivalent to a fresh prefill"
-        )
+    if "sliding_attention" in types and not _sliding_layers_record():
+        raise Unsupported("model uses sliding-window attention: reusing it needs a transformers whose "
+                          "DynamicSlidingWindowLayer can record its past (activate_past_recording)")
+    if blend and types != {"full_attention"}:
+        raise Unsupported(f"model has layers of types {sorted(types)}: CacheBlend's prefill computes full "
+                          "attention only")
 
 
 def decoder(model: Any) -> Any:
@@ -72,7 +98,7 @@ def refuse_unsupported(model_or_config: Any, *, blend: bool = False) -> None:
         blend: also check what CacheBlend needs (a known LLaMA-family decoder, re-rotatable RoPE); needs the model.
     """
     config = getattr(model_or_config, "config", model_or_config)
-    _refuse_attention(_text_config(config))
+    _refuse_attention(config, blend=blend)
     if blend:
         if config is model_or_config:
             raise TypeError("refuse_unsupported(blend=True) needs the model, not only its config")
