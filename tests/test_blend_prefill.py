@@ -24,7 +24,7 @@ from lmkv.hf import (
 from lmkv.models import tiny_model
 from lmkv.ops import blend
 
-ARCHS = ("llama", "qwen2", "mistral")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral")  # qwen3: q/k norm before RoPE
 _MODELS: dict[tuple, object] = {}
 
 

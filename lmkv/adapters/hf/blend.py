@@ -1,4 +1,5 @@
-"""CacheBlend on HF LLaMA-family models (LLaMA, Qwen2, Mistral; SmolLM2 is LLaMA), and ``generate(blend=True)``.
+"""CacheBlend on HF LLaMA-family models (LLaMA, Qwen2, Qwen3, Mistral; SmolLM2 is LLaMA), and
+``generate(blend=True)``.
 
 Given a prompt whose spans were prefilled earlier *each on its own* (``segments``), :func:`blend_prefill` builds
 the prompt's KV cache without a full prefill: cached keys are re-rotated to their new positions, the layers
@@ -65,6 +66,7 @@ class HFSteps:
         self.num_kv_heads = int(model.config.num_key_value_heads)
         self.head_dim = int(attn.head_dim)
         self.scaling = float(attn.scaling)
+        self._qk_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
         self.dtype, self.device = param.dtype, param.device
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -79,6 +81,8 @@ class HFSteps:
         x = block.input_layernorm(hidden)
         n = x.shape[0]
         q, k, v = (proj(x).view(n, -1, self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        if self._qk_norm:  # Qwen3: RMSNorm over each head's q and k, before RoPE (as its forward does)
+            q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = self._inner.rotary_emb(x, positions[None])  # [1, n, D]
         q, k = self._rotate(q, k, cos[0], sin[0], unsqueeze_dim=1)  # cos/sin [n, 1, D] over heads
         return q, k, v
@@ -119,7 +123,8 @@ def blend_prefill(
     """Prefill ``input_ids`` reusing the cached KV of ``segments``, recomputing only a ``ratio`` of their tokens.
 
     Args:
-        model: an HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM`` (batch 1, eval mode).
+        model: an HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``MistralForCausalLM``
+            (batch 1, eval mode).
         input_ids: ``[N]`` or ``[1, N]`` token ids of the whole prompt.
         segments: cached spans, ``Segment`` or ``(start, end, kv [L, 2, end-start, H, D], old_start)``: the KV of
             ``input_ids[start:end]`` computed at positions ``old_start ...`` (0 for a chunk prefilled on its own),

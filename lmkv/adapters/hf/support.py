@@ -17,7 +17,7 @@ import torch
 from lmkv.errors import Unsupported
 from lmkv.rope import RopeSpec
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 PREFIX_LAYER_TYPES = ("full_attention", "sliding_attention")
 _DECODER_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
 
