@@ -281,7 +281,8 @@ def _plot(rows: list[dict[str, Any]], variants: dict[str, Any]) -> None:
     ax.set_ylabel("TTFT (s)")
     ax.set_yscale("log")
     ax.set_title("SmolLM2-135M TTFT on CPU: cold vs warm from lmkv")
-    ax.legend()
+    if long_rows:
+        ax.legend()
     ax.grid(alpha=0.3)
     save_plot(fig, "ttft_hf")
 
