@@ -72,18 +72,6 @@ def make_document(target_tokens: int, tokenizer: Any, seed: int = 0) -> tuple[st
     return "\n\n".join(paragraphs), facts
 
 
-def questions_for(facts: list[Fact], n: int, seed: int = 1) -> list[tuple[str, str]]:
-    """``n`` simple lookups (question, expected answer) spread over the document."""
-    rng = random.Random(seed)
-    picks = rng.sample(facts, min(n, len(facts)))
-    kinds = [
-        lambda f: (f"What color is the flag of {f.city}?", f.color),
-        lambda f: (f"Which animal is the symbol of {f.city}?", f.animal),
-        lambda f: (f"What do the farmers of {f.city} grow?", f.fruit),
-    ]
-    return [kinds[i % len(kinds)](f) for i, f in enumerate(picks)]
-
-
 # -- the demo's document: a long description of an island, then the facts its questions ask about ------------
 _SCENE = [
     "The {a} {n} near the {p} was {adj2} in the {t}.",
@@ -155,10 +143,10 @@ def is_correct(answer: str, expected: str) -> bool:
     return re.search(rf"\b{re.escape(expected)}\b", first, flags=re.IGNORECASE) is not None
 
 
-def chat_ids(tokenizer: Any, document: str, question: str,
-             instruction: str = "Answer in one short sentence. ") -> torch.Tensor:
-    """The chat prompt: one user turn, the document then ``instruction`` and the question."""
-    messages = [{"role": "user", "content": f"{document}\n\n{instruction}{question}"}]
+def chat_ids(tokenizer: Any, document: str, question: str) -> torch.Tensor:
+    """The chat prompt: one user turn, the document then the question (no instruction: SmolLM2-135M answers
+    these questions right without one)."""
+    messages = [{"role": "user", "content": f"{document}\n\n{question}"}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
     if not isinstance(ids, torch.Tensor):
         ids = ids["input_ids"]
@@ -194,9 +182,9 @@ def run_demo(*, doc_tokens: int = 4000, questions: int = 4, max_new_tokens: int 
 
     document, all_qs = make_qa_document(doc_tokens, tokenizer, seed)
     qs = all_qs[: max(1, questions)]
-    first_ids = chat_ids(tokenizer, document, qs[0][0], instruction="")
+    first_ids = chat_ids(tokenizer, document, qs[0][0])
     # The document part shared by every question: the tokens all prompts have in common.
-    other = chat_ids(tokenizer, document, qs[-1][0] + " (other)", instruction="")[0]
+    other = chat_ids(tokenizer, document, qs[-1][0] + " (other)")[0]
     common = 0
     for a, b in zip(first_ids[0].tolist(), other.tolist()):
         if a != b:
@@ -222,7 +210,7 @@ def run_demo(*, doc_tokens: int = 4000, questions: int = 4, max_new_tokens: int 
 
     rows = []
     for question, expected in tqdm(qs, desc="questions", unit="q"):
-        ids = chat_ids(tokenizer, document, question, instruction="")
+        ids = chat_ids(tokenizer, document, question)
         t0 = time.perf_counter()
         cold = generate(model, ids, engine=engine, reuse=False, store=False, max_new_tokens=max_new_tokens,
                         do_sample=False)

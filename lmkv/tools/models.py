@@ -163,7 +163,7 @@ _TINY_BASE: dict[str, Any] = dict(
 
 
 # What each tiny architecture needs beyond _TINY_BASE. Sliding windows are off unless asked for (pass
-# ``sliding_window=W``; Qwen2 also ``use_sliding_window=True``), except in Gemma2/3, whose layers alternate.
+# ``sliding_window=W``; Qwen2 also ``use_sliding_window=True``), except in Gemma2/3 and gpt-oss, whose layers alternate.
 _TINY_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", {}),
     "qwen2": ("Qwen2Config", {"use_sliding_window": False}),

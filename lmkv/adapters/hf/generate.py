@@ -133,7 +133,7 @@ def _shared_past(prompt: _Prompt, extents: list[int]) -> int:
     compute (its last token's logits pick its first new token). Rows start after their padding, so a row with no
     hit limits the cache to its padding: the batch then computes no more than it would cold."""
     ends = [pad + min(extent, prompt.width - pad - 1) for pad, extent in zip(prompt.pads, extents)]
-    past = max(min(ends), 0)
+    past = min(ends)  # each end is >= its row's padding >= 0
     return past if any(past > pad for pad in prompt.pads) else 0
 
 
