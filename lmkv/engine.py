@@ -433,6 +433,25 @@ class KVEngine:
         n = min(self._read(plan, wanted, scatter, tiers_out), end)
         return max(n, start)
 
+    # -- KV events -----------------------------------------------------------------------------------------
+    def subscribe(self, fn: Any) -> Any:
+        """Call ``fn(event)`` (an :class:`lmkv.events.KVEvent`: ``stored`` / ``removed``, chunk key, tokens, tier,
+        model) whenever a tier stores or loses one of this engine's chunks (its key space: a shared store's other
+        engines are filtered out); returns the function that unsubscribes. See docs/storage.md, "KV events"."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        prefix = self.keyspace.prefix
+
+        def mine(event: Any) -> None:
+            if event.key.startswith(prefix):
+                fn(event)
+
+        return self.storage.subscribe(mine)
+
+    def holds(self, keys: Sequence[str]) -> list[bool]:
+        """Whether some tier holds each chunk key (``plan.keys``, a KVEvent's key): one query per tier."""
+        return self.storage.contains_many(list(keys))
+
     # -- housekeeping --------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         c = self.counters

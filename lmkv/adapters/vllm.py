@@ -313,6 +313,48 @@ def sliding_window_refusal(spec: Any) -> str:
             "sliding-window and full-attention layers (e.g. Gemma 3) are served")
 
 
+def block_hash(key: str) -> int:
+    """The vLLM block hash of an lmkv chunk key (64 bits of BLAKE2b): the same in ``BlockStored`` and
+    ``BlockRemoved``, in every process, so a router matches a removal with what was stored."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+try:  # vLLM's container for events a worker hands the scheduler (ModelRunnerOutput.kv_connector_output)
+    from vllm.distributed.kv_events import KVConnectorKVEvents as _KVEventsBase
+except ImportError:  # pragma: no cover - vLLM before worker-side KV events: removals stay in the worker
+    _KVEventsBase = object  # type: ignore[assignment,misc]
+
+
+class LmkvKVEvents(_KVEventsBase):  # type: ignore[misc,valid-type]
+    """The worker's ``BlockRemoved`` events of one step, pickled to the scheduler process with the step's output;
+    the scheduler connector hands them to vLLM's publisher in ``take_events``."""
+
+    def __init__(self, events: list[Any] | None = None, workers: int = 1) -> None:
+        self._events = list(events or [])
+        self._workers = workers
+
+    def add_events(self, events: list[Any]) -> None:
+        self._events.extend(events)
+
+    def aggregate(self) -> LmkvKVEvents:
+        return self  # each TP rank stores its own key space: every rank's removals are real
+
+    def increment_workers(self, count: int = 1) -> None:
+        self._workers += count
+
+    def get_all_events(self) -> list[Any]:
+        return list(self._events)
+
+    def get_number_of_workers(self) -> int:
+        return self._workers
+
+    def clear_events(self) -> None:
+        self._events = []
+
+    def __repr__(self) -> str:
+        return f"<LmkvKVEvents {len(self._events)} events>"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The connector
 # ------------------------------------------------------------------------------------------------------------
@@ -361,6 +403,9 @@ class LmkvConnector(KVConnectorBase_V1):
         events_cfg = getattr(vllm_config, "kv_events_config", None)
         self._kv_events_on = bool(getattr(events_cfg, "enable_kv_cache_events", False))
         self._kv_events: list[Any] = []  # vLLM KV events (BlockStored, medium "lmkv") for take_events
+        self._removed: list[Any] = []  # BlockRemoved seen by this process's engine (see _watch), until handed on
+        self._removed_lock = threading.Lock()  # the store's event thread appends to _removed
+        self._unwatch: list[Any] = []  # unsubscribe functions of _watch
         self._plans: dict[str, Any] = {}  # req -> ChunkPlan of its prompt (hashed once, dropped when it ends)
         self._probe_engine: Any = None
         self._registry = REGISTRY
@@ -491,6 +536,8 @@ class LmkvConnector(KVConnectorBase_V1):
             self._load_stage = StagingBuffer(self._kv.chunk_shape, first.dtype)
         self._rank = self._tp_rank()
         self._engine = self._registry.get_or_create(self._engine_id, self._rank, self._new_engine)
+        if self._kv_events_on:
+            self._watch(self._engine)
         self._event("register", layout=block_map.name, backend=backend, kernel=getattr(layer, "isa", None),
                     layers=len(views), shape=list(first.shape), kernel_block_size=kernel_bs, rank=self._rank)
         log.info("LmkvConnector: %d layers, layout %s (calibrated), geometry %s", len(views), block_map.name,
@@ -701,6 +748,8 @@ class LmkvConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         self._finish_layer_loads()
+        for unwatch in getattr(self, "_unwatch", ()):
+            unwatch()
         if self._layer_thread is not None:
             self._layer_thread.shutdown(wait=True)
             self._layer_thread = None
@@ -742,6 +791,8 @@ class LmkvConnector(KVConnectorBase_V1):
         shared = lmkv_config.replace(self.lmkv_config, memory={"enabled": False})
         self._probe_engine = KVEngine(shared, self.geometry, model_id=self.model_id, rank=0,
                                       world_size=self.world_size)
+        if self._kv_events_on:  # its disk tier evicts too (adopting files past the capacity)
+            self._watch(self._probe_engine)
 
     def _worker_engine(self) -> Any:
         """The worker's engine when it lives in this process (every tier visible, RAM included), else None."""
@@ -826,6 +877,9 @@ class LmkvConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: Any) -> None:
         """The workers' report of a step: a background load whose blocks failed is remembered (see
         :meth:`get_num_new_matched_tokens`), a reported one is no longer awaited."""
+        worker_events = getattr(connector_output, "kv_cache_events", None)
+        if isinstance(worker_events, LmkvKVEvents):  # the workers' removals, published with ours in take_events
+            self._kv_events.extend(worker_events.get_all_events())
         bad = set(getattr(connector_output, "invalid_block_ids", None) or ())
         for rid, blocks in self._awaited.items():
             # a finished (aborted) request is never looked up again: remembering its failure would leak it
@@ -889,9 +943,7 @@ class LmkvConnector(KVConnectorBase_V1):
         if not chunks:
             return
 
-        def h(key: str) -> int:
-            return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-
+        h = block_hash
         parent = next((h(c.key) for c in plan.chunks() if c.end == chunks[0].start), None)
         self._kv_events.append(BlockStored(block_hashes=[h(c.key) for c in chunks], parent_block_hash=parent,
                                            token_ids=prompt[chunks[0].start:chunks[-1].end],
@@ -900,7 +952,36 @@ class LmkvConnector(KVConnectorBase_V1):
 
     def take_events(self) -> list[Any]:
         out, self._kv_events = self._kv_events, []
+        return out + self._take_removed()
+
+    # -- removals: engine events -> BlockRemoved ------------------------------------------------------------
+    def _watch(self, eng: Any) -> None:
+        """Turn ``eng``'s ``removed`` events of chunks that left every one of its tiers into ``BlockRemoved``
+        (medium ``lmkv``, hashes as ``_stored_event``'s); the worker hands them to the scheduler with the step's
+        output (:meth:`get_kv_connector_kv_cache_events`), the scheduler to vLLM (:meth:`take_events`)."""
+        from vllm.distributed.kv_events import BlockRemoved
+
+        def on_event(event: Any) -> None:  # on the store's event thread, no tier lock held: it may ask the store
+            if event.kind != "removed" or eng.holds([event.key])[0]:
+                return  # a stored event is the scheduler's (_stored_event); a removal from one tier of several
+            with self._removed_lock:
+                self._removed.append(BlockRemoved(block_hashes=[block_hash(event.key)], medium="lmkv"))
+
+        self._unwatch.append(eng.subscribe(on_event))
+
+    def _take_removed(self) -> list[Any]:
+        lock = getattr(self, "_removed_lock", None)
+        if lock is None:  # built without __init__ (unit tests of the scheduler's state)
+            return []
+        with lock:
+            out, self._removed = self._removed, []
         return out
+
+    def get_kv_connector_kv_cache_events(self) -> Any:
+        """Worker: the removals this process's engine saw since the last step, for the scheduler (vLLM calls this
+        after each step and carries the result in ``kv_connector_output.kv_cache_events``)."""
+        removed = self._take_removed()
+        return LmkvKVEvents(removed) if removed else None
 
     def _warn_blind(self) -> None:
         if not self._warned_blind:
@@ -956,4 +1037,4 @@ class LmkvConnector(KVConnectorBase_V1):
 
 __all__ = ["LmkvConnector", "LmkvConnectorMetadata", "LoadSpec", "SaveSpec", "UnsupportedVllmSetup",
            "cpu_block_map", "slot_mapping_for", "default_node_tier", "adapter_flag", "log_through_vllm", "TESTED_VLLM",
-           "EngineRegistry"]
+           "EngineRegistry", "LmkvKVEvents", "block_hash"]

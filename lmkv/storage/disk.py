@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from pathlib import Path
@@ -147,6 +148,10 @@ def read_verified(fd: int, view: memoryview, actual: int, key: str, reader: Thre
 class DiskTier(OneByOne):
     name = "disk"
     shared = True  # other processes on this machine see the directory (contains/get adopt their files)
+    # Called as on_removed(key, header or None), under the tier's lock, for every object that leaves this tier
+    # by this process's hand (evicted, removed, dropped as corrupt, an accepted write that failed; not a file
+    # another process deleted): TieredStore.subscribe installs its event hook here.
+    on_removed: Callable[[str, ObjectHeader | None], object] | None = None
 
     def __init__(self, path: str | os.PathLike[str], capacity: int, *, io_threads: int = 2,
                  o_direct: bool = False, policy: str = "lru", read_buffer_bytes: int = 256 << 20,
@@ -260,11 +265,25 @@ class DiskTier(OneByOne):
         self._usage -= size
         self._unlink(key)
 
+    def _tell_removed(self, key: str, header: ObjectHeader | None = None) -> None:
+        """Report ``key``'s removal to ``on_removed``, with its header (read from its file, which must still
+        exist, when not given; None when unreadable). Nothing is read when no hook is set."""
+        if self.on_removed is None:
+            return
+        if header is None:
+            try:
+                with open(self._fname(key), "rb", buffering=0) as fh:
+                    header = parse_header(fh.read(MAX_HEADER), available=os.fstat(fh.fileno()).st_size)
+            except (OSError, CorruptObject):
+                header = None
+        self.on_removed(key, header)
+
     def _make_room(self, n: int) -> bool:
         if self._usage + n <= self._capacity:
             return True
         for victim in self._policy.victims():
             if victim in self._index:
+                self._tell_removed(victim)
                 self._drop_entry(victim)
                 self._stats.evictions += 1
                 if self._usage + n <= self._capacity:
@@ -348,8 +367,9 @@ class DiskTier(OneByOne):
                 except OSError as exc:  # its directory is gone or unusable: nothing was created there
                     self._warn("unlink", "disk tier: cannot remove %s: %s", tmp, exc)
             with self._lock:
-                if self._pending.get(job.key) is job:
+                if self._pending.get(job.key) is job:  # still ours, and not published: the write failed
                     del self._pending[job.key]
+                    self._tell_removed(job.key, job.obj.header if job.obj is not None else None)
                 if not published:
                     self._usage -= job.size
             # Release the source (often a pinned view of the memory tier) before flush can see this write done:
@@ -432,6 +452,7 @@ class DiskTier(OneByOne):
             with self._lock:
                 self._stats.corrupt += 1
                 if self._index.get(key) == size and key not in self._pending:
+                    self._tell_removed(key)
                     self._drop_entry(key)
             obj = None
         with self._lock:
@@ -480,10 +501,14 @@ class DiskTier(OneByOne):
     # -- removal and lifecycle -----------------------------------------------------------------------
     def remove(self, key: str) -> bool:
         with self._lock:
-            found = self._pending.pop(key, None) is not None  # its writer sees it is gone and discards it
+            job = self._pending.pop(key, None)  # its writer sees it is gone and discards it
+            found = job is not None
             if key in self._index:
+                self._tell_removed(key)
                 self._drop_entry(key)
                 found = True
+            elif job is not None and job.obj is not None:
+                self._tell_removed(key, job.obj.header)
             return found
 
     def close(self) -> None:

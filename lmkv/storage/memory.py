@@ -128,6 +128,9 @@ class _Slot:
 class MemoryTier(OneByOne):
     name = "memory"
     shared = False  # this process's RAM
+    # Called as on_removed(key, header), under the tier's lock, for every object that leaves the tier (evicted,
+    # removed, cleared; not one replaced by a new put): TieredStore.subscribe installs its event hook here.
+    on_removed: Callable[[str, ObjectHeader], object] | None = None
 
     def __init__(self, capacity: int, *, policy: str = "lru", pinned: bool = False, prefault: bool = False) -> None:
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
@@ -251,6 +254,8 @@ class MemoryTier(OneByOne):
                     self._policy.remove(victim)
                     self._retire(slot)
                     self._stats.evictions += 1
+                    if self.on_removed is not None:
+                        self.on_removed(victim, slot.header)
                     continue
                 if not self._dead_pinned:
                     return None
@@ -398,6 +403,8 @@ class MemoryTier(OneByOne):
                 return False
             self._policy.remove(key)
             self._retire(slot)
+            if self.on_removed is not None:
+                self.on_removed(key, slot.header)
             return True
 
     def clear(self) -> None:

@@ -91,7 +91,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,7 +100,7 @@ from lmkv.errors import CorruptObject
 from lmkv.storage.base import OneByOne, Queued, TierStats, WarnOnce, log
 from lmkv.storage.buffers import BufferPool
 from lmkv.storage.disk import _write_all, read_verified
-from lmkv.storage.objects import Encoded
+from lmkv.storage.objects import MAX_HEADER, Encoded, ObjectHeader, parse_header
 from lmkv.storage.policy import POLICIES
 
 PAGE = 4096
@@ -176,6 +176,21 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class NodeTier(OneByOne):
     name = "node"
     shared = True  # every lmkv process on the host sees it: the vLLM scheduler looks it up
+    # Called as on_removed(key, header or None) for every object this instance evicts, removes or drops as
+    # damaged (another process's evictions are not seen): TieredStore.subscribe installs its event hook here.
+    on_removed: Callable[[str, ObjectHeader | None], object] | None = None
+
+    def _tell_removed(self, key: str, path: str) -> None:
+        """Report ``key``'s removal to ``on_removed`` with the header of its file at ``path`` (read before the
+        caller unlinks it; None when unreadable). Nothing is read when no hook is set."""
+        if self.on_removed is None:
+            return
+        try:
+            with open(path, "rb", buffering=0) as fh:
+                header: ObjectHeader | None = parse_header(fh.read(MAX_HEADER), available=os.fstat(fh.fileno()).st_size)
+        except (OSError, CorruptObject):
+            header = None
+        self.on_removed(key, header)
 
     def __init__(self, path: str | os.PathLike[str], capacity: int, *, policy: str = "lru",
                  buffer_pool: BufferPool | None = None, read_buffer_bytes: int = 256 << 20) -> None:
@@ -453,15 +468,16 @@ class NodeTier(OneByOne):
         if need <= 0:
             return True
         victims, freed = [], 0
-        for rid, fname, vsize in db.execute("SELECT id, fname, size FROM entries WHERE ready = 1 "
-                                            "ORDER BY atime, id"):
-            victims.append((rid, fname))
+        for rid, fname, vsize, vkey in db.execute("SELECT id, fname, size, key FROM entries WHERE ready = 1 "
+                                                  "ORDER BY atime, id"):
+            victims.append((rid, fname, vkey))
             freed += vsize
             if freed >= need:
                 break
         if freed < need:
             return False
-        for rid, fname in victims:
+        for rid, fname, vkey in victims:
+            self._tell_removed(vkey, self._final(fname))
             _unlink(self._final(fname))  # the file first: the index never counts less than the tmpfs holds
             db.execute("DELETE FROM entries WHERE id = ?", (rid,))
         with self._lock:
@@ -771,6 +787,8 @@ class NodeTier(OneByOne):
         log.warning("node tier: object %r is unreadable or corrupt (%s); treating it as a miss", key, reason)
         with self._lock:
             self._stats.corrupt += 1
+        if self.on_removed is not None:
+            self.on_removed(key, None)
         final = self._final(self.fname_for(key))
         try:
             with self._write() as db:
@@ -793,6 +811,7 @@ class NodeTier(OneByOne):
             with self._write() as db:
                 for rid, fname in db.execute("SELECT id, fname FROM entries WHERE key = ? AND ready = 1",
                                              (key,)).fetchall():
+                    self._tell_removed(key, self._final(fname))
                     _unlink(self._final(fname))
                     db.execute("DELETE FROM entries WHERE id = ?", (rid,))
                     found = True

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lmkv.errors import CorruptObject
+from lmkv.events import REMOVED, STORED, EventBus, KVEvent, Subscriber, model_of, tokens_of
 from lmkv.plan import leading_hits
 from lmkv.storage.base import Tier, log
 from lmkv.storage.buffers import BufferPool
@@ -57,6 +58,7 @@ class TieredStore:
         self._last_tier: OrderedDict[str, str] = OrderedDict()
         self._counts = {"hits": 0, "misses": 0, "fingerprint_mismatch": 0, "corrupt": 0, "promotions": 0}
         self._closed = False
+        self._events = EventBus("lmkv-store-events")  # see subscribe(); idle until someone subscribes
 
     # -- construction --------------------------------------------------------------------------------
     @classmethod
@@ -139,6 +141,8 @@ class TieredStore:
         in_memory = False
         if self._memory is not None and which and which[0] == 0:
             in_memory = self._memory.put(key, RawSerde().encode(key, kv, fingerprint, as_is=True))
+            if in_memory and self._events.active:
+                self._publish(STORED, key, tuple(kv.shape), self._memory.name)
             which = which[1:]
         self._store_below(which, key, kv, fingerprint, in_memory=in_memory)
 
@@ -155,7 +159,8 @@ class TieredStore:
                 snapshot = kv.to("cpu", memory_format=torch.contiguous_format, copy=True)
             if isinstance(serde, RawSerde):
                 obj = lease if lease is not None else RawSerde().encode(key, snapshot, fingerprint)
-                tier.put(key, obj)
+                if tier.put(key, obj) and self._events.active:
+                    self._publish(STORED, key, tuple(kv.shape), tier.name)
             else:
                 self._submit_encode(i, key, lease, snapshot, kv.dtype, tuple(kv.shape), fingerprint)
 
@@ -169,6 +174,8 @@ class TieredStore:
         self._bump(key)
         below = list(range(1, len(self.tiers))) if self._memory is not None else list(range(len(self.tiers)))
         lease = self._memory.put_filled(header, fill) if self._memory is not None else None
+        if lease is not None and self._events.active:
+            self._publish(STORED, key, header.shape, self.tiers[0].name)
         if lease is None:
             kv = torch.empty(header.shape, dtype=dtype)
             fill(kv)
@@ -198,7 +205,8 @@ class TieredStore:
                     lease.release()
             with self._lock:
                 if self._epoch.get(key) == epoch:
-                    self.tiers[i].put(key, obj)
+                    if self.tiers[i].put(key, obj) and self._events.active:
+                        self._publish(STORED, key, shape, self.tiers[i].name)
                 else:
                     obj.release()
 
@@ -249,7 +257,8 @@ class TieredStore:
                             self.tiers[idx].name, exc)
                 with self._lock:
                     self._counts["corrupt"] += 1
-                self.tiers[idx].remove(key)
+                if self.tiers[idx].remove(key) and not hasattr(self.tiers[idx], "on_removed"):
+                    self._publish(REMOVED, key, h.shape, self.tiers[idx].name)  # a tier with a hook reports it
                 return None
         finally:
             if held is None:
@@ -451,7 +460,10 @@ class TieredStore:
         self._bump(key)
         found = False
         for t in self.tiers:
-            found = t.remove(key) or found
+            if t.remove(key):
+                found = True
+                if not hasattr(t, "on_removed"):  # a tier with the hook reports it itself, with its token count
+                    self._publish(REMOVED, key, None, t.name)
         with self._lock:
             self._last_tier.pop(key, None)
         return found
@@ -475,6 +487,34 @@ class TieredStore:
 
         return self._spawn(job)
 
+    # -- events --------------------------------------------------------------------------------------
+    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+        """Call ``fn(event)`` (an :class:`lmkv.events.KVEvent`) for every tier that stores a chunk or loses one
+        from now on; returns the function that unsubscribes. Events arrive in order on the store's event thread
+        (``flush`` waits for them); see :mod:`lmkv.events`.
+
+        ``stored``: a tier accepted the object (the background tiers: when the write was queued; a queued write
+        that fails later is a ``removed``). ``removed``: evicted for room, ``remove``, dropped as corrupt, or
+        cleared, reported by the tier itself (memory, node, disk: its ``on_removed`` hook, installed here) or by
+        this store for a tier without the hook (Redis: its own ``remove`` only, the server's evictions are
+        invisible).
+        """
+        unsubscribe = self._events.subscribe(fn)
+        for t in self.tiers:
+            if hasattr(t, "on_removed") and t.on_removed is None:
+                t.on_removed = self._tier_hook(t.name)
+        return unsubscribe
+
+    def _tier_hook(self, name: str) -> Callable[[str, Any], None]:
+        def removed(key: str, header: Any) -> None:  # called under the tier's lock: it only queues
+            self._publish(REMOVED, key, header.shape if header is not None else None, name)
+
+        return removed
+
+    def _publish(self, kind: str, key: str, shape: tuple[int, ...] | None, tier: str) -> None:
+        if self._events.active:
+            self._events.publish(KVEvent(kind, key, tokens_of(shape), tier, model_of(key)))  # type: ignore[arg-type]
+
     # -- lifecycle -----------------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every accepted write (and background encode/prefetch) has reached its tier."""
@@ -487,6 +527,7 @@ class TieredStore:
                 f.exception(timeout)
         for t in self.tiers:
             t.flush(timeout)
+        self._events.flush(timeout)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -506,6 +547,7 @@ class TieredStore:
         self._bg.shutdown(wait=True)
         for t in self.tiers:
             t.close()
+        self._events.close()
 
     def __enter__(self) -> TieredStore:
         return self
