@@ -256,8 +256,20 @@ def _plot(rows: list[dict[str, Any]], variants: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     long_rows = [r for r in rows if r["part"] == "long"]
+    other = [r for r in rows if r["part"] != "long"]
+    panels = int(bool(long_rows)) + int(bool(other))  # only the parts this run measured
+    fig, axes = plt.subplots(1, max(1, panels), figsize=(6 * max(1, panels), 4.5), squeeze=False)
+    ax = axes[0, 0] if long_rows else None
+    ax2 = axes[0, -1] if other else None
+    if ax is not None:
+        _plot_long(ax, long_rows, variants)
+    if ax2 is not None:
+        _plot_short(ax2, other)
+    save_plot(fig, "ttft_hf")
+
+
+def _plot_long(ax: Any, long_rows: list[dict[str, Any]], variants: dict[str, Any]) -> None:
     for name in ["cold", *variants]:
         pts = [(r["prompt_tokens"], r["ttft_s"]) for r in long_rows if r["variant"] == name]
         if pts:
@@ -265,7 +277,15 @@ def _plot(rows: list[dict[str, Any]], variants: dict[str, Any]) -> None:
     bpts = sorted({(r["prompt_tokens"], r["bound_s"]) for r in long_rows})
     if bpts:
         ax.plot(*zip(*bpts), linestyle="--", color="gray", label="bound: bytes/copy BW + 1 decode step")
-    other = [r for r in rows if r["part"] != "long"]
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("TTFT (s)")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M TTFT on CPU: cold vs warm from lmkv")
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+
+def _plot_short(ax2: Any, other: list[dict[str, Any]]) -> None:
     labels = [f"{r['prompt_tokens']} tok" if r["part"] == "short" else f"B={r['batch']}, {r['shared_tokens']} shared"
               for r in other]
     x = range(len(other))
@@ -274,17 +294,11 @@ def _plot(rows: list[dict[str, Any]], variants: dict[str, Any]) -> None:
     for i, r in enumerate(other):
         ax2.annotate(f"hit {r['hit_fraction']:.0%}", (i + 0.2, r["ttft_s"]), ha="center", va="bottom", fontsize=8)
     ax2.set_xticks(list(x), labels, rotation=20, fontsize=8)
-    ax2.set_ylabel("TTFT (s)")
+    ax2.set_ylabel("TTFT (s), log scale")
+    ax2.set_yscale("log")  # warm prompts take ~50 ms beside cold batches of ~20 s
     ax2.set_title("repeated short prompts (chunk 256) and a shared-prefix batch")
     ax2.legend()
-    ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("TTFT (s)")
-    ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M TTFT on CPU: cold vs warm from lmkv")
-    if long_rows:
-        ax.legend()
-    ax.grid(alpha=0.3)
-    save_plot(fig, "ttft_hf")
+    ax2.grid(alpha=0.3, axis="y", which="both")
 
 
 if __name__ == "__main__":
