@@ -290,6 +290,93 @@ def test_a_save_publishes_block_stored_events_chained_like_lmkv_keys() -> None:
         assert c.take_events() == []
 
 
+def _connector_for_events(eng: Any) -> Any:
+    """A connector's event state without a vLLM engine: what ``_stored_event``, ``_watch`` and the hand-over of
+    removals (worker -> scheduler -> ``take_events``) read."""
+    import threading
+
+    from lmkv.adapters.vllm import LmkvConnector
+
+    c = LmkvConnector.__new__(LmkvConnector)
+    c._plans, c._kv_events, c.lmkv_config, c._kv_events_on = {}, [], eng.config, True
+    c._removed, c._removed_lock, c._unwatch = [], threading.Lock(), []
+    c._awaited, c._reqs, c._failed = {}, {}, set()
+    return c
+
+
+def test_stored_and_evicted_chunks_reach_a_zmq_subscriber_through_vllms_publisher(tmp_path) -> None:
+    """The whole path a KV-aware router sees: the scheduler's ``BlockStored`` for a saved prompt, the worker
+    engine's LRU eviction of one chunk as ``BlockRemoved`` (worker -> ``kv_cache_events`` -> scheduler ->
+    ``take_events``), published by vLLM's own ``ZmqEventPublisher`` and decoded as vLLM's ``KVEventBatch`` by a
+    ZMQ subscriber. The removed hash is the stored hash of exactly the evicted chunk."""
+    import time
+
+    import msgspec
+    import zmq
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch, ZmqEventPublisher
+
+    from lmkv.adapters.vllm import LmkvKVEvents, block_hash
+    from lmkv.engine import KVEngine
+    from lmkv.types import KVGeometry
+
+    geo = KVGeometry(1, 1, 4, torch.float32)  # a 4-token chunk [1, 2, 4, 1, 4] fp32: 128 bytes, one 128-byte slot
+    cfg = {"chunk_size": 4, "memory": {"capacity": 3 * 128}, "disk": {"enabled": False},
+           "node": {"enabled": False}}
+    prompt = list(range(12))  # chunks [0,4) [4,8) [8,12)
+    endpoint = f"ipc://{tmp_path}/kv-events"
+    pub = ZmqEventPublisher(data_parallel_rank=0, endpoint=endpoint)  # ipc:// binds; the subscriber connects
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    try:
+        sub.connect(endpoint)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        decode = msgspec.msgpack.Decoder(type=KVEventBatch)
+
+        def receive(timeout_ms: int) -> KVEventBatch | None:
+            if not sub.poll(timeout_ms):
+                return None
+            _topic, _seq, payload = sub.recv_multipart()
+            return decode.decode(payload)
+
+        deadline = time.monotonic() + 10  # a PUB drops what it sends before the subscription has arrived
+        while receive(50) is None:
+            assert time.monotonic() < deadline, "the subscriber never joined the publisher"
+            pub.publish(KVEventBatch(ts=time.time(), events=[]))
+        while receive(200) is not None:  # drain the warm-up batches
+            pass
+
+        with KVEngine(cfg, geo, model_id="unit") as eng:
+            scheduler, worker = _connector_for_events(eng), _connector_for_events(eng)
+            worker._watch(eng)
+            plan = eng.plan(prompt)
+            keys = [c.key for c in plan.chunks()]
+            assert len(keys) == 3
+            scheduler._plans["r"] = plan
+            eng.store(prompt, torch.randn(1, 2, 12, 1, 4))
+            scheduler._stored_event("r", prompt, 0)
+            eng.store([99, 98, 97, 96], torch.randn(1, 2, 4, 1, 4))  # a fourth chunk: the LRU one (chunk 0) goes
+            eng.storage.flush()
+            assert eng.holds(keys) == [False, True, True]
+            from_worker = worker.get_kv_connector_kv_cache_events()
+            assert isinstance(from_worker, LmkvKVEvents)
+            scheduler.update_connector_output(SimpleNamespace(kv_cache_events=from_worker, invalid_block_ids=None,
+                                                              finished_recving=None))
+            assert worker.get_kv_connector_kv_cache_events() is None  # handed over once
+            pub.publish(KVEventBatch(ts=time.time(), events=scheduler.take_events()))
+            assert scheduler.take_events() == []
+            batch = receive(5000)
+            for unwatch in worker._unwatch:
+                unwatch()
+    finally:
+        sub.close(linger=0)
+        pub.shutdown()
+    assert batch is not None, "no event batch reached the subscriber"
+    stored = [e for e in batch.events if isinstance(e, BlockStored)]
+    removed = [e for e in batch.events if isinstance(e, BlockRemoved)]
+    assert len(stored) == 1 and stored[0].medium == "lmkv" and stored[0].token_ids == prompt
+    assert stored[0].block_hashes == [block_hash(k) for k in keys]
+    assert [(e.block_hashes, e.medium) for e in removed] == [([block_hash(keys[0])], "lmkv")]
+
+
 def _scheduler_state(cfg: dict) -> Any:
     """A scheduler-role LmkvConnector's bookkeeping without a vLLM engine (what ``_plan`` reads)."""
     import threading
