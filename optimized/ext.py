@@ -1,6 +1,6 @@
 """Builds and loads the C++ CPU operators of csrc/ into ``torch.ops.lmkv``.
 
-Limits: CPU only. Each component (``paged``, ``hashing``, ``codec``, ``blend``) is its own small shared
+Limits: CPU only. Each component (``paged``, ``hashing``, ``codec``, ``blend``, ``quant``) is its own small shared
 library built from ``csrc/cpu/<component>*.cpp`` plus the torch-free headers in ``csrc/include/lmkv``, with
 ``torch.utils.cpp_extension.load`` on first use (about 30 s, then cached under ``<cache_dir>/ext``). The CUDA
 sources in ``csrc/cuda`` share those headers but cannot be linked against the CPU build of torch, so CI only
@@ -23,6 +23,7 @@ CSRC = Path(__file__).resolve().parents[1] / "csrc"
 _loaded: dict[str, str | None] = {}
 HEADER_PREFIXES: dict[str, tuple[str, ...]] = {
     "paged": ("paged",), "hashing": ("hash",), "codec": ("codec", "rangecoder"), "blend": ("blend",),
+    "quant": ("quant",),
 }
 _lock = threading.Lock()
 

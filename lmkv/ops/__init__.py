@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-COMPONENTS = ("paged", "hashing", "codec", "blend")
+COMPONENTS = ("paged", "hashing", "codec", "blend", "quant")
 
 
 def __getattr__(name: str) -> Any:

@@ -13,12 +13,17 @@ ValueError/TypeError naming them.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lmkv._dispatch import Backend, Op, register
+from lmkv._dispatch import Backend, Op
+from lmkv._dispatch import register as _register_op
 from lmkv.config import CodecConfig
+from lmkv.ops import quant as _quant  # int8 / fp8 / kivi / raw; kernels load on first use
 from lmkv.reference import codec as ref
 from lmkv.reference import codec_format as fmt
 
@@ -91,8 +96,8 @@ def _validate_ac_decode(data: Any, lengths: Any, cdf: Any, num_tokens: Any) -> N
         raise ValueError(f"num_tokens: expected an int >= 0, got {num_tokens!r}")
 
 
-ac_encode = register(Op("codec.ac_encode", ref.ac_encode, _ext("ac_encode"), validate=_validate_ac_encode))
-ac_decode = register(Op("codec.ac_decode", ref.ac_decode, _ext("ac_decode"), validate=_validate_ac_decode))
+ac_encode = _register_op(Op("codec.ac_encode", ref.ac_encode, _ext("ac_encode"), validate=_validate_ac_encode))
+ac_decode = _register_op(Op("codec.ac_decode", ref.ac_decode, _ext("ac_decode"), validate=_validate_ac_decode))
 
 
 def encode(chunk: torch.Tensor, *, config: CodecConfig | None = None, backend: str | None = None) -> bytes:
@@ -162,4 +167,92 @@ def inspect(blob: bytes | bytearray | memoryview) -> dict[str, Any]:
     }
 
 
-__all__ = ["encode", "decode", "quantize", "dequantize", "cdf", "ac_encode", "ac_decode", "resolve_bins", "inspect"]
+# ------------------------------------------------------------------------------------------------ registry
+@dataclass(frozen=True)
+class Codec:
+    """A named KV codec: ``encode(chunk, config) -> bytes`` and ``decode(blob) -> chunk`` (same shape and dtype).
+
+    Args:
+        name: what tiers, the engine and experiments call it by (lowercase letters, digits, ``_``, ``-``).
+        encode: ``encode(chunk [L, 2, T, H, D] or [L, 1, T, D], config) -> bytes``; ``config`` is the codec's own
+            parameter object (or None for its defaults).
+        decode: ``decode(blob) -> chunk``; a blob that is not this codec's (or is corrupt) raises CodecError.
+        error_bound: the documented reconstruction bound, in words.
+        version: the blob format version it writes (part of every blob's header).
+    """
+
+    name: str
+    encode: Callable[[torch.Tensor, Any], bytes]
+    decode: Callable[[bytes | bytearray | memoryview], torch.Tensor]
+    error_bound: str
+    version: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", self.name):
+            raise ValueError(f"name: expected lowercase letters, digits, '_' or '-' (<= 64), got {self.name!r}")
+        for field in ("encode", "decode"):
+            if not callable(getattr(self, field)):
+                raise TypeError(f"{field}: expected a callable, got {type(getattr(self, field)).__name__}")
+        if not isinstance(self.error_bound, str) or not self.error_bound:
+            raise TypeError("error_bound: expected a non-empty description")
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            raise ValueError(f"version: expected an int >= 1, got {self.version!r}")
+
+
+_CODECS: dict[str, Codec] = {}
+
+
+def register(codec: Codec) -> Codec:
+    """Make ``codec`` available by its name to :func:`get` (and so to every tier, the engine, the experiments).
+
+    Raises TypeError for anything but a :class:`Codec`, ValueError for a name already registered."""
+    if not isinstance(codec, Codec):
+        raise TypeError(f"codec: expected lmkv.ops.codec.Codec, got {type(codec).__name__}")
+    if codec.name in _CODECS:
+        raise ValueError(f"codec: a codec named {codec.name!r} is already registered")
+    _CODECS[codec.name] = codec
+    return codec
+
+
+def get(name: str) -> Codec:
+    """The codec registered as ``name``; ValueError naming the registered ones otherwise."""
+    codec = _CODECS.get(name) if isinstance(name, str) else None
+    if codec is None:
+        raise ValueError(f"codec: unknown codec {name!r} (registered: {', '.join(names())})")
+    return codec
+
+
+def names() -> list[str]:
+    """Registered codec names, in registration order (the built-ins first)."""
+    return list(_CODECS)
+
+
+def _quant_codec(name: str) -> Codec:
+    """A codec of lmkv.ops.quant; ``config`` is None or a mapping of its keyword parameters (axis, bits, ...)."""
+
+    def enc(chunk: torch.Tensor, config: Any = None) -> bytes:
+        return _quant.encode_config(chunk, name, config)
+
+    def dec(blob: bytes | bytearray | memoryview) -> torch.Tensor:
+        return _quant.decode(blob, expect=name)
+
+    return Codec(name, enc, dec, _quant.ERROR_BOUNDS[name], _quant.VERSION)
+
+
+def _cachegen_encode(chunk: torch.Tensor, config: Any = None) -> bytes:
+    return encode(chunk, config=config)
+
+
+def _cachegen_decode(blob: bytes | bytearray | memoryview) -> torch.Tensor:
+    return decode(blob)
+
+
+register(_quant_codec("raw"))
+register(Codec("cachegen", _cachegen_encode, _cachegen_decode,
+               "|x - x_hat| <= scale / (2K) per element (scale = per-token absmax rounded up to bf16)", fmt.VERSION))
+for _name in ("int8", "fp8", "kivi"):
+    register(_quant_codec(_name))
+
+
+__all__ = ["encode", "decode", "quantize", "dequantize", "cdf", "ac_encode", "ac_decode", "resolve_bins", "inspect",
+           "Codec", "register", "get", "names"]
