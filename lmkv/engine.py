@@ -39,7 +39,9 @@ class EngineCounters:
     """Cumulative counters of one engine (``stats()`` returns them with the store's per-tier counters)."""
 
     lookups: int = 0
-    hit_tokens: int = 0
+    lookup_tokens: int = 0  # tokens the lookups asked about
+    lookup_hit_tokens: int = 0  # of those, the leading tokens found stored (what lookup returned)
+    hit_tokens: int = 0  # tokens retrieves served (hit_tokens + missed_tokens: the tokens retrieves asked for)
     missed_tokens: int = 0
     stored_tokens: int = 0
     stored_chunks: int = 0
@@ -100,6 +102,13 @@ class KVEngine:
         self.counters = EngineCounters()
         self._lock = threading.Lock()
         self._last_tiers: dict[str, int] = {}
+        # Prometheus metrics (lmkv.metrics): the counters above are read at scrape time, and so are the latency
+        # bucket counts this hook keeps (None when metrics are off: nothing is imported).
+        self._metrics: Any = None
+        if self.config.metrics.enabled:
+            import lmkv.metrics as lmkv_metrics
+
+            self._metrics = lmkv_metrics.attach(self)
 
     # -- construction helpers ------------------------------------------------------------------------------
     @classmethod
@@ -155,9 +164,14 @@ class KVEngine:
         plan = self.plan(tokens)
         t0 = time.perf_counter()
         n = plan.end_of(self.storage.batched_contains(plan.keys, shared_only=shared_only, tiers=tiers))
+        dt = time.perf_counter() - t0
         with self._lock:
             self.counters.lookups += 1
-            self.counters.lookup_s += time.perf_counter() - t0
+            self.counters.lookup_tokens += len(plan)
+            self.counters.lookup_hit_tokens += n
+            self.counters.lookup_s += dt
+            if self._metrics is not None:  # plain bucket counts (lmkv.metrics.Latency), under this lock
+                self._metrics.lookup.observe(dt)
         return n
 
     def store(self, tokens: Any, kv: torch.Tensor, *, offset: int = 0) -> int:
@@ -191,11 +205,14 @@ class KVEngine:
 
     def _count_store(self, plan: ChunkPlan, missing: list[int], skipped: int, t0: float) -> int:
         stored = sum(plan.spans[i][1] - plan.spans[i][0] for i in missing)
+        dt = time.perf_counter() - t0
         with self._lock:
             self.counters.stored_tokens += stored
             self.counters.stored_chunks += len(missing)
             self.counters.skipped_chunks += skipped
-            self.counters.store_s += time.perf_counter() - t0
+            self.counters.store_s += dt
+            if self._metrics is not None:
+                self._metrics.store.observe(dt)
         return stored
 
     def retrieve(self, tokens: Any, *, end: int | None = None, out: torch.Tensor | None = None, start: int = 0,
@@ -291,12 +308,15 @@ class KVEngine:
         for c, tier in served:
             tiers[tier] = tiers.get(tier, 0) + c.num_tokens
         n = served[-1][0].end if served else 0
+        dt = time.perf_counter() - t0
         with self._lock:
             self.counters.retrieved_tokens += n
             self.counters.hit_tokens += n
             self.counters.missed_tokens += len(plan) - n
-            self.counters.retrieve_s += time.perf_counter() - t0
+            self.counters.retrieve_s += dt
             self._last_tiers = tiers
+            if self._metrics is not None:
+                self._metrics.retrieve.observe(dt)
         if tiers_out is not None:  # this call's own tally: concurrent reads each get theirs
             tiers_out.update(tiers)
         return n
@@ -320,10 +340,13 @@ class KVEngine:
         for seg, kv, (_, tier) in zip(segments, out, got, strict=True):
             if kv is not None:
                 tiers[tier] = tiers.get(tier, 0) + seg.num_tokens
+        dt = time.perf_counter() - t0
         with self._lock:
             self.counters.retrieved_tokens += sum(tiers.values())
-            self.counters.retrieve_s += time.perf_counter() - t0
+            self.counters.retrieve_s += dt
             self._last_tiers = tiers
+            if self._metrics is not None:
+                self._metrics.retrieve.observe(dt)
         if tiers_out is not None:
             tiers_out.update(tiers)
         return out
@@ -460,10 +483,17 @@ class KVEngine:
         return out
 
     def flush(self) -> None:
-        """Wait until asynchronous writes to lower tiers are done."""
+        """Wait until asynchronous writes to lower tiers are done (and, in multiprocess metrics mode, push the
+        counters into this process's metrics files)."""
         self.storage.flush()
+        if self._metrics is not None:
+            self._metrics.sync()
 
     def close(self) -> None:
+        """Unregister from the metrics (a last push first, in multiprocess mode) and close the store it owns."""
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            metrics.close()
         if self._owns_store:
             self.storage.close()
 

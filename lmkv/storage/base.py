@@ -97,6 +97,19 @@ class TierStats:
     rejected: int = 0  # writes dropped: larger than capacity, no space, disk full, backend down
     corrupt: int = 0
     errors: int = 0
+    # kinds of errors (each also counted in ``errors``), exported as lmkv_tier_errors_total{kind}
+    timeouts: int = 0  # a call to the backend ran past its timeout
+    unavailable: int = 0  # the backend refused or dropped the connection (down, unreachable)
+    write_failed: int = 0  # an accepted write failed for another reason (I/O error, error reply)
+
+    def count_down(self, exc: BaseException, timeout: type[BaseException] = TimeoutError) -> None:
+        """A failed call to a remote backend, classified as a timeout (``TimeoutError`` or the client library's
+        ``timeout`` class) or as unavailable; the caller holds its tier's lock."""
+        self.errors += 1
+        if isinstance(exc, (TimeoutError, timeout)):
+            self.timeouts += 1
+        else:
+            self.unavailable += 1
 
     def count_read(self, obj: Encoded | None) -> None:
         """A hit (and its bytes) or a miss; the caller holds its tier's lock."""

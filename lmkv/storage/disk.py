@@ -27,10 +27,11 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from pathlib import Path
+from typing import NamedTuple
 
 from lmkv.errors import CorruptObject
 from lmkv.storage.base import OneByOne, Queued, TierStats, WarnOnce, log
@@ -57,6 +58,78 @@ def _write_all(fd: int, bufs: list) -> None:
 
 
 _Job = Queued
+
+
+class ScanEntry(NamedTuple):
+    """One stored object as a tier's ``scan()`` sees it (``lmkv ls``, ``lmkv check``).
+
+    ``status`` is ``"ok"``, ``"corrupt"`` (the header does not parse, or with ``verify`` the payload checksum
+    fails) or ``"foreign"`` (a sound object of another key stored under this one's name). ``key`` is the key it is
+    stored under ('' when the tier cannot tell: a disk file is named by a digest of its key). ``nbytes``: bytes
+    stored; ``age_s``: seconds since it was written (disk) or last used (node, Redis), None when unknown;
+    ``location``: its file path (disk, node) or Redis key.
+    """
+
+    key: str
+    header: ObjectHeader | None
+    status: str
+    detail: str
+    nbytes: int
+    age_s: float | None
+    location: str
+
+
+def object_path(root: str | os.PathLike[str], key: str) -> str:
+    """Where a disk tier rooted at ``root`` keeps ``key``: ``<root>/<h[:2]>/<h>.obj``, h = BLAKE2b(key)."""
+    h = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    return os.path.join(os.fspath(root), h[:2], h + ".obj")
+
+
+def _disk_name(key: str) -> str:
+    return os.path.basename(object_path("", key))
+
+
+def scan_file(path: str, stored_as: str | None, *, verify: bool = False,
+              name_of: Callable[[str], str] = _disk_name) -> ScanEntry:
+    """Read one object file's header (the whole file with ``verify``, to check the payload checksum) and say
+    whether it is sound. ``stored_as``: the key its index says it holds (node); None when only the file's name
+    tells (disk: ``name_of(header key)`` must then be the file's name)."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb", buffering=0) as fh:
+            data = fh.read() if verify else fh.read(MAX_HEADER)
+    except OSError as exc:
+        return ScanEntry(stored_as or "", None, "corrupt", f"unreadable: {exc}", 0, None, path)
+    age = max(0.0, time.time() - st.st_mtime)
+    try:
+        header = parse_header(data, available=st.st_size)
+    except CorruptObject as exc:
+        return ScanEntry(stored_as or "", None, "corrupt", str(exc), st.st_size, age, path)
+    if header.key != stored_as if stored_as is not None else name_of(header.key) != os.path.basename(path):
+        return ScanEntry(stored_as or "", header, "foreign", f"holds key {header.key!r}", st.st_size, age, path)
+    try:
+        if verify:
+            verify_payload(header, memoryview(data)[header.header_len:])
+    except CorruptObject as exc:
+        return ScanEntry(header.key, header, "corrupt", str(exc), st.st_size, age, path)
+    return ScanEntry(header.key, header, "ok", "", st.st_size, age, path)
+
+
+def scan_dir(path: str | os.PathLike[str], *, verify: bool = False) -> Iterator[ScanEntry]:
+    """Every object file under a disk tier's directory, read without opening the tier (which drops bad files
+    and evicts down to its capacity when it opens: a listing must change nothing). Temp files are skipped."""
+    root = os.fspath(path)
+    try:
+        subs = sorted(n for n in os.listdir(root) if len(n) == 2 and os.path.isdir(os.path.join(root, n)))
+    except FileNotFoundError:
+        return
+    for sub in subs:
+        try:
+            names = sorted(n for n in os.listdir(os.path.join(root, sub)) if n.endswith(".obj"))
+        except OSError:
+            continue
+        for name in names:
+            yield scan_file(os.path.join(root, sub, name), None, verify=verify)
 
 
 _STALE_TMP_S = 600.0
@@ -307,6 +380,11 @@ class DiskTier(OneByOne):
             return {**self._stats.as_dict(), "usage_bytes": self._usage, "objects": len(self._index),
                     "pending": len(self._pending)}
 
+    def scan(self, *, verify: bool = False) -> Iterator[ScanEntry]:
+        """Every object file in the directory (this process's writes flushed first), as :func:`scan_dir`."""
+        self.flush()
+        return scan_dir(self.path, verify=verify)
+
     # -- writes --------------------------------------------------------------------------------------
     def put(self, key: str, obj: Encoded) -> bool:
         """Reserve space and queue the write; returns False (and releases ``obj``) when it is dropped."""
@@ -358,6 +436,7 @@ class DiskTier(OneByOne):
             with self._lock:
                 self._stats.rejected += 1
                 self._stats.errors += 1
+                self._stats.write_failed += 1
         finally:
             if not published:
                 try:

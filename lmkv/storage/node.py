@@ -99,7 +99,7 @@ from pathlib import Path
 from lmkv.errors import CorruptObject
 from lmkv.storage.base import OneByOne, Queued, TierStats, WarnOnce, log
 from lmkv.storage.buffers import BufferPool
-from lmkv.storage.disk import _write_all, read_verified
+from lmkv.storage.disk import ScanEntry, _write_all, read_verified, scan_file
 from lmkv.storage.objects import MAX_HEADER, Encoded, ObjectHeader, parse_header
 from lmkv.storage.policy import POLICIES
 
@@ -160,6 +160,47 @@ _Job = Queued  # size: the bytes charged
 
 class _NotThatFile(Exception):
     """The key's file is missing or is not the inode its row names (replaced or evicted since the lookup)."""
+
+
+def _index_reader(root: str) -> sqlite3.Connection | None:
+    """A connection to a node directory's index that creates nothing (``mode=rw``: no empty index appears where
+    none was); None when there is no index."""
+    path = os.path.join(root, "index.sqlite3")
+    if not os.path.isfile(path):
+        return None
+    return sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+
+
+def scan_index(path: str | os.PathLike[str], *, verify: bool = False) -> Iterator[ScanEntry]:
+    """Every published object of a node directory, least recently used first, read without opening a NodeTier
+    (an opener sets the host-wide capacity and reconciles the directory: a listing must change nothing). Only
+    the index is read, no row is written; ``age_s`` is the time since the object's last recorded use."""
+    root = os.fspath(path)
+    db = _index_reader(root)
+    if db is None:
+        return
+    try:
+        rows = db.execute("SELECT key, fname, atime FROM entries WHERE ready = 1 ORDER BY atime, id").fetchall()
+    finally:
+        db.close()
+    now = time.time_ns()
+    for key, fname, atime in rows:
+        entry = scan_file(os.path.join(root, "objects", fname + ".obj"), key, verify=verify)
+        yield entry._replace(age_s=max(0.0, (now - atime) / 1e9))
+
+
+def index_usage(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """``(bytes charged, host-wide capacity, published objects)`` of a node directory, from its index alone;
+    zeros when there is no index (capacity -1 when no opener recorded one yet)."""
+    db = _index_reader(os.fspath(path))
+    if db is None:
+        return 0, 0, 0
+    try:
+        meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
+        (objects,) = db.execute("SELECT COUNT(*) FROM entries WHERE ready = 1").fetchone()
+    finally:
+        db.close()
+    return int(meta.get("used", 0)), int(meta.get("capacity", -1)), int(objects)
 
 
 _OPEN: weakref.WeakSet[NodeTier] = weakref.WeakSet()
@@ -536,6 +577,11 @@ class NodeTier(OneByOne):
             return {**self._stats.as_dict(), "usage_bytes": usage, "objects": objects[0][0] if objects else 0,
                     "pending": len(self._pending), "touches_pending": len(self._touches)}
 
+    def scan(self, *, verify: bool = False) -> Iterator[ScanEntry]:
+        """Every published object (this instance's writes flushed first), as :func:`scan_index`."""
+        self.flush()
+        return scan_index(self._root, verify=verify)
+
     # -- writes ------------------------------------------------------------------------------------------
     def put(self, key: str, obj: Encoded) -> bool:
         """Queue the write; False (and ``obj`` released) when it is dropped at once. A write may also be dropped
@@ -596,6 +642,7 @@ class NodeTier(OneByOne):
             with self._lock:
                 self._stats.rejected += 1
                 self._stats.errors += 1
+                self._stats.write_failed += 1
         finally:
             if fd >= 0:
                 os.close(fd)

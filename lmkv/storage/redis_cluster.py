@@ -34,8 +34,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 from lmkv.storage.base import log
 from lmkv.storage.buffers import BufferPool
+from lmkv.storage.disk import ScanEntry
 from lmkv.storage.objects import Encoded
-from lmkv.storage.redis_tier import _MAX_BACKOFF, RedisTier, _claimed_length, _Op, close_quietly, pack_writes
+from lmkv.storage.redis_tier import (
+    _MAX_BACKOFF,
+    RedisTier,
+    _claimed_length,
+    _Op,
+    close_quietly,
+    pack_writes,
+    scan_client,
+)
 from lmkv.storage.resp import ProtocolError, ReplyError, RespReader
 
 _POLL_DEGRADED = 0.25  # seconds between slot-map refreshes while a node is down or the cluster unreachable
@@ -206,7 +215,7 @@ class RedisClusterTier(RedisTier):
 
     def _node_failed(self, node: _Node, exc: BaseException) -> None:
         with self._lock:
-            self._stats.errors += 1
+            self._stats.count_down(exc, self._redis.TimeoutError)
             node.down_until = time.monotonic() + node.backoff
             wait, node.backoff = node.backoff, min(_MAX_BACKOFF, max(node.backoff * 2, 0.05))
         self._warn(f"down:{node.name}", "redis cluster tier: node %s unreachable (%s); its slots miss and their "
@@ -280,6 +289,9 @@ class RedisClusterTier(RedisTier):
                     if reply is not _FAILED:
                         self._warn("write", "redis cluster tier: node %s refused a write (%s); dropped",
                                    node.name, reply)
+                        with self._lock:
+                            self._stats.errors += 1
+                            self._stats.write_failed += 1
                 else:
                     sent.append(op)
         return sent
@@ -457,6 +469,13 @@ class RedisClusterTier(RedisTier):
                 self._node_failed(node, exc)
                 out.append(None)
         return out
+
+    def scan(self, *, verify: bool = False, batch: int = 256) -> Iterator[ScanEntry]:
+        """Every value under the key prefix on every master (SCAN runs per node): see :func:`scan_client`."""
+        self.flush()
+        for name in self.masters():
+            host, _, port = name.rpartition(":")
+            yield from scan_client(self._node(host, int(port)).client, self.prefix, verify=verify, batch=batch)
 
     def capacity_bytes(self) -> int:
         """The sum of the masters' ``maxmemory`` (0 = unlimited, if any master is unlimited)."""

@@ -28,6 +28,7 @@ reads over ``rediss://`` (TLS) or with ``lean_reads=False`` (then each object ow
 
 from __future__ import annotations
 
+import itertools
 import struct
 import threading
 import time
@@ -38,7 +39,8 @@ from typing import Any
 from lmkv.errors import CorruptObject
 from lmkv.storage.base import Queued, TierStats, WarnOnce, log
 from lmkv.storage.buffers import BufferPool, PooledBuffer
-from lmkv.storage.objects import MAGIC, Encoded, parse_header, verify_payload, writable_view
+from lmkv.storage.disk import ScanEntry
+from lmkv.storage.objects import MAGIC, MAX_HEADER, Encoded, parse_header, verify_payload, writable_view
 from lmkv.storage.resp import PIECE, ProtocolError, ReplyError, RespReader, Torn
 
 MAX_VALUE = 512 << 20
@@ -88,6 +90,61 @@ def close_quietly(reader: RespReader | None, client: Any) -> None:
             client.close()
     except Exception:  # pragma: no cover - closing a broken connection
         pass
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "\\*?[]" else c for c in text)
+
+
+def _scan_entry(rkey: str, key: str, value: Any, length: Any, idle: Any, verify: bool) -> ScanEntry | None:
+    """One reply triple of :func:`scan_client` as an entry; None for a key deleted since SCAN named it."""
+    if idle is None and not value and not isinstance(value, Exception):  # GETRANGE of a missing key is b""
+        return None
+    age = float(idle) if isinstance(idle, int) else None
+    size = length if isinstance(length, int) else 0
+    try:
+        if not isinstance(value, bytes):
+            raise CorruptObject(f"error reply: {value}")
+        header = parse_header(value, available=size)
+    except CorruptObject as exc:
+        return ScanEntry(key, None, "corrupt", str(exc), size, age, rkey)
+    if header.key != key:
+        return ScanEntry(key, header, "foreign", f"holds key {header.key!r}", size, age, rkey)
+    try:
+        if verify:
+            verify_payload(header, memoryview(value)[header.header_len:])
+    except CorruptObject as exc:
+        return ScanEntry(key, header, "corrupt", str(exc), size, age, rkey)
+    return ScanEntry(key, header, "ok", "", size, age, rkey)
+
+
+def scan_client(client: Any, prefix: str, *, verify: bool = False, batch: int = 256) -> Iterator[ScanEntry]:
+    """Every value under ``prefix`` on one server: ``SCAN MATCH <prefix>*``, then per batch of ``batch`` keys one
+    pipeline of ``GETRANGE key 0 4095`` (the header; ``GET`` with ``verify``), ``STRLEN`` and ``OBJECT IDLETIME``
+    (the age: seconds since last use). Connection errors propagate: an admin listing must not pass a server it
+    cannot reach off as empty."""
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    keys = client.scan_iter(match=_glob_escape(prefix) + "*", count=batch)
+    while True:
+        part = list(itertools.islice(keys, batch))
+        if not part:
+            return
+        pipe = client.pipeline(transaction=False)
+        for rkey in part:
+            if verify:
+                pipe.get(rkey)
+            else:
+                pipe.getrange(rkey, 0, MAX_HEADER - 1)
+            pipe.strlen(rkey)
+            pipe.object("idletime", rkey)
+        replies = pipe.execute(raise_on_error=False)
+        for i, rkey in enumerate(part):
+            text = rkey.decode(errors="replace") if isinstance(rkey, bytes) else str(rkey)
+            entry = _scan_entry(text, text[len(prefix):], *replies[3 * i:3 * i + 3], verify)
+            if entry is not None:
+                yield entry
 
 
 _Op = Queued  # obj None: a removal (tombstone)
@@ -171,7 +228,7 @@ class RedisTier:
 
     def _failed(self, exc: BaseException) -> None:
         with self._lock:
-            self._stats.errors += 1
+            self._stats.count_down(exc, self._redis.TimeoutError)
             self._down_until = time.monotonic() + self._backoff
             wait, self._backoff = self._backoff, min(_MAX_BACKOFF, max(self._backoff * 2, 0.05))
         self._warn("down", "redis tier: %s unreachable (%s); reads miss and writes are dropped, retrying in %.2fs",
@@ -208,6 +265,12 @@ class RedisTier:
         with self._lock:
             return {**self._stats.as_dict(), "pending": len(self._pending), "up": int(self.available()),
                     "rereads": self._rereads}
+
+    def scan(self, *, verify: bool = False, batch: int = 256) -> Iterator[ScanEntry]:
+        """Every value under this tier's key prefix (this instance's writes flushed first): see
+        :func:`scan_client`. Raises redis-py's errors when the server cannot be reached."""
+        self.flush()
+        return scan_client(self.client, self.prefix, verify=verify, batch=batch)
 
     # -- writes --------------------------------------------------------------------------------------
     def put(self, key: str, obj: Encoded) -> bool:
@@ -287,6 +350,7 @@ class RedisTier:
             self._warn("write", "redis tier: batch write failed (%s); dropped", exc)
             with self._lock:
                 self._stats.errors += 1
+                self._stats.write_failed += 1
         finally:
             with self._lock:
                 for op in batch:

@@ -11,6 +11,7 @@ exception and never wrong KV. Tiers whose serde is ``cachegen`` encode on a back
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,6 +58,10 @@ class TieredStore:
         self._epoch: dict[str, int] = {}  # bumped by put/remove so a stale background encode is discarded
         self._last_tier: OrderedDict[str, str] = OrderedDict()
         self._counts = {"hits": 0, "misses": 0, "fingerprint_mismatch": 0, "corrupt": 0, "promotions": 0}
+        # The same events per tier (the one the object came from), and seconds per (codec, encode|decode): plain
+        # numbers that lmkv.metrics reads at scrape time, so the read path never calls a metrics library.
+        self._tier_counts = {t.name: {"corrupt": 0, "fingerprint_mismatch": 0, "promotions": 0} for t in self.tiers}
+        self._codec_s: dict[tuple[str, str], float] = {}
         self._closed = False
         self._events = EventBus("lmkv-store-events")  # see subscribe(); idle until someone subscribes
 
@@ -195,7 +200,9 @@ class TieredStore:
                     src = RawSerde().decode(lease)  # a private copy: the lease is released right after
                 else:
                     src = snapshot
+                t0 = time.perf_counter()
                 obj = self.serdes[i].encode(key, src, fingerprint)
+                self._count_codec(self.serdes[i].name, "encode", t0)
             except Exception as exc:
                 log.warning("storage: %s encode of %r for tier %s failed (%s); not stored there",
                             self.serdes[i].name, key, self.tiers[i].name, exc)
@@ -211,6 +218,12 @@ class TieredStore:
                     obj.release()
 
         self._spawn(job)
+
+    def _count_codec(self, codec: str, op: str, t0: float) -> None:
+        """Add the seconds since ``t0`` (a ``perf_counter`` reading) to the ``codec``'s ``op`` (encode | decode)."""
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self._codec_s[(codec, op)] = self._codec_s.get((codec, op), 0.0) + dt
 
     def _spawn(self, fn: Any) -> Future:
         fut = self._bg.submit(fn)
@@ -245,18 +258,23 @@ class TieredStore:
                             key, self.tiers[idx].name)
                 with self._lock:
                     self._counts["fingerprint_mismatch"] += 1
+                    self._tier_counts[self.tiers[idx].name]["fingerprint_mismatch"] += 1
                 return None
             try:
                 serde = serde_for_code(h.serde, self._codec_config)
                 if borrow and out is None and isinstance(serde, RawSerde):
                     kv, held = serde.view(obj), obj
-                    return kv, held
-                return serde.decode(obj, out), None
+                    return kv, held  # a zero-copy view: no decoding work to time
+                t0 = time.perf_counter()
+                kv = serde.decode(obj, out)
+                self._count_codec(serde.name, "decode", t0)
+                return kv, None
             except CorruptObject as exc:
                 log.warning("storage: object %r in tier %s does not decode (%s); miss", key,
                             self.tiers[idx].name, exc)
                 with self._lock:
                     self._counts["corrupt"] += 1
+                    self._tier_counts[self.tiers[idx].name]["corrupt"] += 1
                 if self.tiers[idx].remove(key) and not hasattr(self.tiers[idx], "on_removed"):
                     self._publish(REMOVED, key, h.shape, self.tiers[idx].name)  # a tier with a hook reports it
                 return None
@@ -273,6 +291,7 @@ class TieredStore:
                 self._last_tier.popitem(last=False)
             if idx:
                 self._counts["promotions"] += 1
+                self._tier_counts[self.tiers[idx].name]["promotions"] += 1  # counted where the object came from
         if idx:
             self._store(range(idx), key, kv, fingerprint)
 
@@ -533,6 +552,20 @@ class TieredStore:
         with self._lock:
             store = dict(self._counts)
         return {"store": store, **{t.name: t.stats() for t in self.tiers}}
+
+    def tier_counts(self) -> dict[str, dict[str, int]]:
+        """``{tier: {"corrupt", "fingerprint_mismatch", "promotions": count}}``: what this store saw of the objects
+        each tier returned (a tier's own ``stats()`` counts what the tier itself detected)."""
+        with self._lock:
+            return {name: dict(c) for name, c in self._tier_counts.items()}
+
+    def codec_seconds(self) -> dict[tuple[str, str], float]:
+        """``{(codec, "encode" | "decode"): seconds}`` spent by this store's serdes: background encodes for the
+        tiers, decodes of hits (a raw object lent as a view, ``borrow``, costs no decode and is not counted)."""
+        with self._lock:
+            out = {(s.name, op): 0.0 for s in self.serdes for op in ("encode", "decode")}
+            out.update(self._codec_s)
+            return out
 
     def assert_no_leaks(self) -> None:
         self.flush()
