@@ -1,25 +1,38 @@
-"""CacheBlend quality study on the real SmolLM2-135M-Instruct: fidelity to full prefill vs recompute ratio, and TTFT.
+"""CacheBlend quality study on the real SmolLM2-135M-Instruct: fidelity to full prefill vs recompute ratio, and TTFT,
+for every token-selection policy (:mod:`lmkv.blend_policies`).
 
-Synthetic RAG: ``--docs`` short documents about fictional towns, each with distinct generated facts (mayor,
-founding year, population, river, export, dish, festival month ...), padded with neutral filler to a few hundred
-tokens. Every question asks about one town (or compares two); every prompt holds all documents in a fresh random
-order, so prefix caching reuses only what happens to come first. Each document's KV is prefilled once *on its
-own* (positions from 0), as a KV store would hold it.
+Texts (``--text``). ``synthetic`` (the default), a synthetic RAG set: ``--docs`` short documents about fictional
+towns, each with distinct generated facts (mayor, founding year, population, river, export, dish, festival month
+...), padded with neutral filler to a few hundred tokens. Every question asks about one town (or compares two);
+every prompt holds all documents in a fresh random order, so prefix caching reuses only what happens to come first.
+Each document's KV is prefilled once *on its own* (positions from 0), as a KV store would hold it. ``pydoc``: real
+text nobody here wrote, the Python Language Reference as CPython ships it in its standard library
+(``pydoc_data.topics``, the text ``help("assert")`` shows: English prose with code, on any machine with Python,
+fixed per Python version): every document is one topic's text cut at a line end to ``60 + 25 * filler`` words, and
+every question asks what one of them says (no known answer: accuracy is NaN; fidelity to full prefill is what
+counts).
 
 Methods per question (run one after another per question, so they alternate in one process):
   full      plain full prefill (the reference every fidelity figure is measured against)
   prefix    prefix caching: header + first document reused exactly, the rest prefilled
   reuse     full reuse: every document's cached KV re-rotated and concatenated, only the question computed
-  blend r   CacheBlend recomputing r of the cached tokens after check layer(s) (BlendConfig defaults)
+  P r       policy P (--policies: deviation = CacheBlend, chunk_head = EPIC, attention, random, oracle)
+            recomputing r of the cached tokens after the check layer(s) (BlendConfig's); TTFT includes what the
+            policy costs (oracle: a full prefill; attention: a few layers for the suffix)
 
-Fidelity (does not depend on the model's skill): the mean KL(full || method) of the next-token distributions
-over the answer, teacher-forced on the full-prefill greedy answer; ROUGE-L F1 and exact match of the method's
-greedy answer against the full-prefill answer. Task accuracy (the known fact appears in the answer) is reported
-beside them. TTFT is the prefill time up to the first token's logits (cached KV already in RAM). The metrics and
-the synthetic documents live in :mod:`lmkv.tools.quality` (the tests use them too).
+Fidelity (does not depend on the model's skill): the mean KL(full || method) of the next-token distributions over
+the answer, teacher-forced on the full-prefill greedy answer; ROUGE-L F1 and exact match of the method's greedy
+answer against the full-prefill answer; greedy agreement = the share of answer positions where the method's argmax,
+teacher-forced on the full-prefill answer, is the full prefill's token. Task accuracy (the known fact appears in the
+answer) is reported beside them. TTFT is the prefill time up to the first token's logits (cached KV already in RAM).
+The metrics and the synthetic documents live in :mod:`lmkv.tools.quality` (the tests use them too).
 
-    .venv/bin/python -m experiments.blend_quality            # ~6 docs, 10 questions (< 10 min on 2 free cores)
+    .venv/bin/python -m experiments.blend_quality            # ~6 docs, 10 questions, 5 policies x 5 ratios
+    .venv/bin/python -m experiments.blend_quality --text pydoc
     .venv/bin/python -m experiments.blend_quality --small    # 3 short docs, 2 questions (tests / notebook)
+
+Writes ``experiments/results/blend_quality.jsonl`` and one plot per metric, ``blend_quality_<metric>.png`` (metric vs
+recompute ratio, one line per policy).
 """
 
 from __future__ import annotations
@@ -34,12 +47,24 @@ from typing import Any
 import torch
 
 from experiments._common import print_table, save_plot, small, write_rows
+from lmkv import blend_policies
 from lmkv.config import BlendConfig
-from lmkv.hf import blend_prefill, build_cache, cache_to_kv, kv_deviation_by_layer, prefill_kv
+from lmkv.hf import (
+    HFSteps,
+    Segment,
+    blend_prefill,
+    build_cache,
+    cache_to_kv,
+    kv_deviation_by_layer,
+    prefill_kv,
+    rope_spec,
+)
+from lmkv.reference.blend_policies import oracle_scores as _oracle
 from lmkv.tools.quality import Doc, Question, kl, make_documents, make_questions, rouge_l
 
 NAME = "blend_quality"
 RATIOS = (0.05, 0.10, 0.15, 0.30, 0.50)
+METRICS = {"KL": "KL(full || method)", "agree": "greedy agreement", "ROUGE-L": "ROUGE-L vs full", "TTFT s": "TTFT (s)"}
 
 
 class Prompts:
@@ -78,6 +103,38 @@ def answer_logprobs(model: Any, kv: torch.Tensor, logits: torch.Tensor, answer: 
     return torch.cat((first, torch.log_softmax(out.logits[0].float(), -1)))
 
 
+# -- real text: the Python Language Reference as the standard library ships it --------------------------------
+def pydoc_documents(n_docs: int, filler: int, seed: int = 0) -> list[Doc]:
+    """``n_docs`` topics of ``pydoc_data.topics`` (seeded choice among those long enough), each cut at a line end
+    to at most ``60 + 25 * filler`` words; ``Doc.town`` holds the topic's title (its first line)."""
+    from pydoc_data.topics import topics
+
+    words = 60 + 25 * filler
+    names = sorted(k for k, v in topics.items() if len(v.split()) >= words)
+    docs = []
+    for name in random.Random(seed).sample(names, min(n_docs, len(names))):
+        lines, count = [], 0
+        for line in topics[name].strip().splitlines():
+            count += len(line.split())
+            if count > words and lines:
+                break
+            lines.append(line.rstrip())
+        docs.append(Doc(town=lines[0].strip(), facts={}, text="\n".join(lines)))
+    return docs
+
+
+def pydoc_questions(docs: list[Doc], n_questions: int, seed: int = 0) -> list[Question]:
+    """Questions about what one document says; no known answer (``answer=""``: accuracy is not measured)."""
+    rng = random.Random(seed + 1)
+    forms = ("What does the documentation say about {}?", "Summarize the section {} in one sentence.",
+             "According to the documents, what is explained in {}?")
+    return [Question(rng.choice(forms).format(d.town), "", [d.town]) for d in (rng.choice(docs)
+                                                                               for _ in range(n_questions))]
+
+
+TEXTS = {"synthetic": (make_documents, make_questions), "pydoc": (pydoc_documents, pydoc_questions)}
+
+
 # -- the study --------------------------------------------------------------------------------------------------
 @dataclass
 class Setup:
@@ -92,16 +149,19 @@ class Setup:
 
 
 def setup(n_docs: int, n_questions: int, filler: int, seed: int = 0, model_and_tokenizer: Any = None,
-          behind_header: bool = False) -> Setup:
-    """Model, documents, questions and each document's cached KV: prefilled on its own from position 0, or with
-    ``behind_header`` after the prompt's header (then dropped), so that its first token is not an attention
-    sink and its positions already follow the header."""
+          behind_header: bool = False, text: str = "synthetic") -> Setup:
+    """Model, documents (``text``: a key of :data:`TEXTS`), questions and each document's cached KV: prefilled on
+    its own from position 0, or with ``behind_header`` after the prompt's header (then dropped), so that its first
+    token is not an attention sink and its positions already follow the header."""
     from lmkv.models import load_smollm2
 
+    if text not in TEXTS:
+        raise ValueError(f"text must be one of {sorted(TEXTS)}, got {text!r}")
     model, tok = model_and_tokenizer or load_smollm2()
     torch.manual_seed(seed)
-    docs = make_documents(n_docs, filler, seed)
-    questions = make_questions(docs, n_questions, seed)
+    make_docs, make_qs = TEXTS[text]
+    docs = make_docs(n_docs, filler, seed)
+    questions = make_qs(docs, n_questions, seed)
     prompts = Prompts(tok, docs)
     header_kv = prefill_kv(model, prompts.header)[0]
     if behind_header:
@@ -125,21 +185,32 @@ def layout(s: Setup, q: Question, order: list[int]) -> tuple[torch.Tensor, list[
 
 
 def oracle_scores(model: Any, ids: torch.Tensor, segs: list[tuple]) -> torch.Tensor:
-    """``[N]`` how far each cached token's K and V are from a full prefill's, averaged over *all* layers (each
-    layer normalised by its mean): the selection a check layer tries to predict, known here only because the
-    study also runs the full prefill. Not a deployable rule; it bounds what any deviation-based selection gets."""
-    dev = kv_deviation_by_layer(model, ids, segs)
-    both = torch.cat((dev["key"], dev["value"]))  # [2L, N], NaN where no cache
-    both = both / both.nanmean(dim=1, keepdim=True)
-    return torch.nan_to_num(both.nanmean(dim=0), nan=0.0)
+    """``[N]`` how far each cached token's K and V are from a full prefill's, averaged over the layers (each
+    normalised by its mean): the ``oracle`` policy (:func:`lmkv.reference.blend_policies.oracle_scores`), the
+    selection a check layer tries to predict, known only through a full prefill. Not a deployable rule; it bounds
+    what any deviation-based selection gets."""
+    return _oracle(HFSteps(model), ids, [Segment(*t) for t in segs], rope_spec(model))
+
+
+def _blend_runs(policies: tuple[str, ...] | None, ratios: tuple[float, ...]) -> list[tuple[str, str, float]]:
+    """``(method name, policy, ratio)`` of every blended run: ``reuse`` first (ratio 0, no selection), then
+    ``"P r%"`` per policy and ratio, or ``"blend r%"`` without ``policies`` (the single-rule study)."""
+    runs = [("reuse", "deviation", 0.0)]
+    if policies is None:
+        return runs + [(f"blend {r:.0%}", "deviation", r) for r in ratios]
+    return runs + [(f"{p} {r:.0%}", p, r) for p in policies for r in ratios]
 
 
 def run_methods(s: Setup, ratios: tuple[float, ...], max_new: int, seed: int, progress: bool = True,
-                blend: BlendConfig | None = None, oracle: bool = False) -> list[dict[str, Any]]:
-    """One row per (question, method): KL, ROUGE-L, exact match, accuracy, TTFT.
+                blend: BlendConfig | None = None, oracle: bool = False,
+                policies: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """One row per (question, method): KL, greedy agreement, ROUGE-L, exact match, accuracy, TTFT.
 
-    ``oracle=True`` selects by :func:`oracle_scores` instead of the check layers' deviation (TTFT then excludes
-    the oracle's own full prefill)."""
+    ``policies``: run every named policy (:mod:`lmkv.blend_policies`) at every ratio, methods ``"P r%"``, TTFT
+    including the policy's own cost. Without it, one rule, methods ``"blend r%"``: the check layers' deviation,
+    or with ``oracle=True`` :func:`oracle_scores` (TTFT then excludes the oracle's own full prefill)."""
+    for p in policies or ():
+        blend_policies.get(p)  # an unknown name fails before the model runs
     from tqdm.auto import tqdm
 
     blend = blend or BlendConfig()
@@ -169,26 +240,30 @@ def run_methods(s: Setup, ratios: tuple[float, ...], max_new: int, seed: int, pr
         results["prefix"] = (cache_to_kv(out.past_key_values), out.logits[0, -1], time.perf_counter() - t0,
                              1 - first_end / len(ids))
 
-        scores = oracle_scores(model, ids, segs) if oracle else None
-        for name, ratio in [("reuse", 0.0), *((f"blend {r:.0%}", r) for r in ratios)]:
+        scores = oracle_scores(model, ids, segs) if oracle and policies is None else None
+        for name, policy, ratio in _blend_runs(policies, ratios):
             t0 = time.perf_counter()
             cache, logits, stats = blend_prefill(model, ids, segs, ratio=ratio, check_layers=blend.check_layers,
-                                                 deviation=blend.deviation, scores=scores)
+                                                 deviation=blend.deviation, scores=scores,
+                                                 policy=policy if scores is None else "deviation")
             elapsed = time.perf_counter() - t0
             results[name] = (cache_to_kv(cache), logits, elapsed, stats.recompute_fraction)
 
         full_answer = greedy(model, full_kv, full_logits, max_new, eos)
         full_text = tok.decode(full_answer, skip_special_tokens=True).strip()
         full_lp = answer_logprobs(model, full_kv, full_logits, full_answer)
+        run_of = {name: (policy, ratio) for name, policy, ratio in _blend_runs(policies, ratios)}
         for name, (kv, logits, ttft, frac) in results.items():
             ans = full_answer if name == "full" else greedy(model, kv, logits, max_new, eos)
             text = tok.decode(ans, skip_special_tokens=True).strip()
             lp = full_lp if name == "full" else answer_logprobs(model, kv, logits, full_answer)
+            policy, ratio = run_of.get(name, (None, {"full": 1.0}.get(name)))
             rows.append({
-                "question": qi, "method": name, "ratio": {"full": 1.0, "prefix": None, "reuse": 0.0}.get(
-                    name, float(name.split()[-1].rstrip("%")) / 100 if name.startswith("blend") else None),
+                "question": qi, "method": name, "policy": policy, "ratio": ratio,
                 "tokens": int(ids.shape[0]), "kl": kl(full_lp, lp), "rouge_l": rouge_l(text, full_text),
-                "exact": float(text == full_text), "correct": float(q.answer.lower() in text.lower()),
+                "agree": float((lp.argmax(-1) == torch.tensor(full_answer)).float().mean()),
+                "exact": float(text == full_text),
+                "correct": float(q.answer.lower() in text.lower()) if q.answer else float("nan"),
                 "ttft_s": ttft, "ttft_full_s": results["full"][2], "recompute": frac,
                 "answer": text, "full_answer": full_text, "truth": q.answer,
             })
@@ -201,8 +276,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
         out.append({
-            "method": m,
+            "method": m, "policy": rs[0].get("policy"), "ratio": rs[0].get("ratio"),
             "KL": statistics.mean(r["kl"] for r in rs),
+            "agree": statistics.mean(r["agree"] for r in rs),
             "ROUGE-L": statistics.mean(r["rouge_l"] for r in rs),
             "exact": statistics.mean(r["exact"] for r in rs),
             "accuracy": statistics.mean(r["correct"] for r in rs),
@@ -216,7 +292,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def targets(summary: list[dict[str, Any]]) -> dict[str, Any]:
     by = {r["method"]: r for r in summary}
-    b15, reuse = by.get("blend 15%"), by.get("reuse")
+    b15, reuse = by.get("blend 15%") or by.get("deviation 15%"), by.get("reuse")
     if not b15 or not reuse:
         return {}
     return {
@@ -255,6 +331,35 @@ def plot(summary: list[dict[str, Any]]) -> Any:
     return fig
 
 
+def plot_metrics(summary: list[dict[str, Any]]) -> dict[str, Any]:
+    """One figure per metric of :data:`METRICS`: the metric vs recompute ratio, one line per policy, with full
+    reuse, prefix caching and (TTFT) the full prefill as horizontal lines."""
+    import matplotlib.pyplot as plt
+
+    by = {r["method"]: r for r in summary}
+    policies = list(dict.fromkeys(r["policy"] for r in summary if r["method"] not in ("reuse", "full", "prefix")
+                                  and r["policy"]))
+    figs = {}
+    for key, label in METRICS.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for p in policies:
+            rs = sorted((r for r in summary if r["policy"] == p and r["method"] != "reuse"), key=lambda r: r["ratio"])
+            ax.plot([100 * r["ratio"] for r in rs], [r[key] for r in rs], "o-", label=p)
+        for name, style in (("reuse", "r--"), ("prefix", "g:"), *((("full", "k-."),) if key == "TTFT s" else ())):
+            if name in by:
+                ax.axhline(by[name][key], color=style[0], linestyle=style[1:], label=name)
+        ax.set_xlabel("recompute ratio (%)")
+        ax.set_ylabel(label)
+        if key == "KL":
+            ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{label} by selection policy")
+        fig.tight_layout()
+        figs[key] = fig
+    return figs
+
+
 def deviation_study(s: Setup, question: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
     """Per-layer, per-token K and V deviation (full prefill vs re-rotated cache) for one prompt's cached tokens."""
     order = list(range(len(s.docs)))
@@ -277,8 +382,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--behind-header", action="store_true",
                    help="cache each document prefilled after the prompt's header instead of on its own")
     p.add_argument("--oracle", action="store_true",
-                   help="select by every layer's deviation from the full prefill (an upper bound, not deployable)")
+                   help="only the check-layer rule replaced by the oracle scores, methods 'blend r%%' (the old study)")
+    p.add_argument("--policies", default=",".join(blend_policies.BUILTIN),
+                   help="comma-separated selection policies (lmkv.blend_policies), each at every ratio")
+    p.add_argument("--ratios", default=",".join(str(r) for r in RATIOS), help="comma-separated recompute ratios")
+    p.add_argument("--text", choices=sorted(TEXTS), default="synthetic",
+                   help="synthetic RAG documents, or pydoc: the Python Language Reference from the stdlib")
     args = p.parse_args(argv)
+    policies = None if args.oracle else tuple(x for x in args.policies.split(",") if x)
+    ratios = tuple(float(x) for x in args.ratios.split(","))
     overrides: dict[str, Any] = {}
     if args.check_layers:
         overrides["check_layers"] = tuple(int(x) for x in args.check_layers.split(","))
@@ -288,21 +400,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.small or small():
         args.docs, args.questions, args.filler, args.max_new = 3, 2, 2, 6
     torch.set_grad_enabled(False)
-    s = setup(args.docs, args.questions, args.filler, args.seed, behind_header=args.behind_header)
-    rows = run_methods(s, RATIOS, args.max_new, args.seed, blend=cfg, oracle=args.oracle)
+    s = setup(args.docs, args.questions, args.filler, args.seed, behind_header=args.behind_header, text=args.text)
+    rows = run_methods(s, ratios, args.max_new, args.seed, blend=cfg, oracle=args.oracle, policies=policies)
     summary = summarize(rows)
-    print_table(summary, ["method", "KL", "ROUGE-L", "exact", "accuracy", "TTFT s", "speedup", "recompute", "n"],
-                title=f"CacheBlend on SmolLM2-135M: {args.docs} docs, {args.questions} questions, "
+    print_table(summary, ["method", "KL", "agree", "ROUGE-L", "exact", "accuracy", "TTFT s", "speedup", "recompute",
+                          "n"],
+                title=f"CacheBlend on SmolLM2-135M ({args.text}): {args.docs} docs, {args.questions} questions, "
                       f"~{rows[0]['tokens']} tokens per prompt, check layers {list(cfg.check_layers)}, "
-                      f"selection by {'oracle' if args.oracle else cfg.deviation}")
+                      f"deviation plane {cfg.deviation}, policies {'oracle scores' if args.oracle else policies}")
     tgt = targets(summary)
     print(f"targets at 15 %: {tgt}")
     sel = {"check_layers": list(cfg.check_layers), "deviation": "oracle" if args.oracle else cfg.deviation,
-           "behind_header": args.behind_header,
+           "behind_header": args.behind_header, "text": args.text,
            "docs": args.docs, "questions": args.questions, "small": bool(args.small or small())}
     write_rows(NAME, [{**r, "kind": "question", **sel} for r in rows]
                + [{**r, "kind": "summary", **sel} for r in summary] + [{"kind": "targets", **sel, **tgt}])
-    save_plot(plot(summary), NAME)
+    if policies is None:
+        save_plot(plot(summary), NAME)
+    else:
+        for key, fig in plot_metrics(summary).items():
+            save_plot(fig, f"{NAME}_{key.split()[0].lower().replace('-', '_')}")
     return summary
 
 

@@ -5,11 +5,12 @@ helpers (KV deviation, top-ratio selection, gradual-filtering counts) that have 
 ``H`` KV heads, ``D == rope.head_dim``), positions ``[T]`` integers; returns new keys rotated by ``new - old`` per
 token. Backends: reference, ``ext`` (C++ CPU), ``triton``; CUDA source compile-checked.
 
-``prefill(steps, input_ids, segments, *, rope, ratio, check_layers, deviation, scores, rerotate_backend)``: the
-blended prefill of a prompt over any model that supplies :class:`lmkv.blend_steps.BlendSteps` (HF models:
-:func:`lmkv.adapters.hf.blend_prefill`). Returns ``(kv [L, 2, N, H, D], logits [V], BlendStats)``. Backends:
-reference (explicit fp32 masked-softmax attention, the spec) and ``fast`` (SDPA, batched fused re-rotation
-through ``rerotate`` with ``rerotate_backend``). See :mod:`lmkv.reference.blend` for the math.
+``prefill(steps, input_ids, segments, *, rope, ratio, check_layers, deviation, scores, rerotate_backend, policy)``:
+the blended prefill of a prompt over any model that supplies :class:`lmkv.blend_steps.BlendSteps` (HF models:
+:func:`lmkv.adapters.hf.blend_prefill`); ``policy`` names the token-selection rule (:mod:`lmkv.blend_policies`).
+Returns ``(kv [L, 2, N, H, D], logits [V], BlendStats)``. Backends: reference (explicit fp32 masked-softmax
+attention, the spec) and ``fast`` (SDPA, batched fused re-rotation through ``rerotate`` with ``rerotate_backend``).
+See :mod:`lmkv.reference.blend` for the math.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lmkv import blend_policies
 from lmkv._dispatch import Backend, Op, register
 from lmkv.blend_steps import BlendStats, BlendSteps, Segment
 from lmkv.config import BlendConfig
@@ -152,8 +154,12 @@ def _as_scores(scores: Any, num_tokens: int, device: torch.device) -> torch.Tens
 def _validate_prefill(steps: Any, input_ids: Any, segments: Sequence[Any], *, rope: RopeSpec | None = None,
                       ratio: float = _DEFAULTS.ratio, check_layers: Sequence[int] | int = _DEFAULTS.check_layers,
                       deviation: str = _DEFAULTS.deviation, scores: Any = None,
-                      rerotate_backend: str | None = None) -> tuple[tuple, dict]:
-    """Shared by both backends: normalise every argument and hand the fast path the re-rotation it should use."""
+                      rerotate_backend: str | None = None, policy: str = _DEFAULTS.policy) -> tuple[tuple, dict]:
+    """Shared by both backends: normalise every argument, compute a static policy's scores once (so that both
+    backends select from the same ones) and hand the fast path the re-rotation it should use."""
+    blend_policies.get(policy)  # ValueError naming an unknown policy, before any work
+    if scores is not None and policy != "deviation":
+        raise ValueError(f"pass scores or policy, not both (policy={policy!r})")
     if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0.0 <= float(ratio) <= 1.0):
         raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
     if deviation not in ("key", "value"):
@@ -163,6 +169,9 @@ def _validate_prefill(steps: Any, input_ids: Any, segments: Sequence[Any], *, ro
     segs = as_segments(segments, ids.shape[0], (steps.num_layers, steps.num_kv_heads, steps.head_dim))
     if rope is None and any(s.old_start != s.start for s in segs):
         raise ValueError("rope is needed to move segments (old_start != start): pass the model's RopeSpec")
+    if scores is None and 0.0 < float(ratio) < 1.0:  # ratio 0 or 1 selects nothing: spare the oracle's prefill
+        scores = blend_policies.scores(policy, blend_policies.PolicyInputs(
+            steps, ids, segs, rope, float(ratio), checks, deviation))
     kwargs = dict(rope=rope, ratio=float(ratio), check_layers=checks, deviation=deviation,
                   scores=_as_scores(scores, ids.shape[0], steps.device),
                   rerotate=functools.partial(rerotate, backend=rerotate_backend))

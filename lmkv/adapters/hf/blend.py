@@ -119,6 +119,7 @@ def blend_prefill(
     backend: str | None = None,
     rerotate_backend: str | None = None,
     scores: torch.Tensor | None = None,
+    policy: str = _DEFAULTS.policy,
 ) -> tuple[Any, torch.Tensor, BlendStats]:
     """Prefill ``input_ids`` reusing the cached KV of ``segments``, recomputing only a ``ratio`` of their tokens.
 
@@ -138,6 +139,8 @@ def blend_prefill(
         scores: optional ``[N]`` per-token scores that replace the measured deviation at the check layers (higher
             = recompute first), for studies of other selection rules such as an oracle; the check layers still
             decide where the selection happens.
+        policy: the token-selection rule, a name registered in :mod:`lmkv.blend_policies` (``"deviation"``:
+            CacheBlend; ``"chunk_head"``, ``"attention"``, ``"random"``, ``"oracle"``, or your own).
 
     Returns:
         ``(cache, logits, stats)``: a ``DynamicCache`` holding all N tokens (``[1, H, N, D]`` per layer), the
@@ -146,7 +149,7 @@ def blend_prefill(
     refuse_unsupported(model, blend=True)
     kv, logits, stats = blend_ops.prefill(
         HFSteps(model), input_ids, segments, rope=rope_spec(model), ratio=ratio, check_layers=check_layers,
-        deviation=deviation, scores=scores, backend=backend, rerotate_backend=rerotate_backend,
+        deviation=deviation, scores=scores, backend=backend, rerotate_backend=rerotate_backend, policy=policy,
     )
     return build_cache(kv), logits, stats
 
@@ -245,12 +248,14 @@ def _cached_segments(model: Any, tokens: list[int], chunks: list[Any], engine: K
 
 
 def blended_cache(model: Any, input_ids: torch.Tensor, *, engine: KVEngine, tokenizer: Any = None,
-                  separator: Sequence[int] | None = None, ratio: float | None = None) -> tuple[Any, int, dict]:
+                  separator: Sequence[int] | None = None, ratio: float | None = None,
+                  policy: str | None = None) -> tuple[Any, int, dict]:
     """``(cache for generate, cached tokens, stats)`` for a prompt of separated chunks.
 
     Args:
         input_ids: ``[1, N]``.
         ratio: recompute ratio (default ``engine.config.blend.ratio``).
+        policy: token-selection policy name (default ``engine.config.blend.policy``; any registered name).
     """
     cfg = engine.config.blend
     tokens = input_ids[0].tolist()
@@ -263,6 +268,7 @@ def blended_cache(model: Any, input_ids: torch.Tensor, *, engine: KVEngine, toke
     cache, _logits, bstats = blend_prefill(
         model, input_ids, segments,
         ratio=cfg.ratio if ratio is None else ratio, check_layers=cfg.check_layers, deviation=cfg.deviation,
+        policy=cfg.policy if policy is None else policy,
     )
     stats = {
         "chunks": len(chunks), "reused_tokens": reused, "prefilled_chunk_tokens": prefilled,
