@@ -173,13 +173,18 @@ def _add(sub: Any, name: str, help: str, example: str, fn: Callable[[argparse.Na
     return p
 
 
+def _add_filters(p: argparse.ArgumentParser, *, model_help: str) -> None:
+    """``--tier``, ``--model`` and ``--config``: which objects a listing or a removal covers."""
+    p.add_argument("--tier", choices=_TIER_CHOICES, help="only this tier (default: every persistent one)")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--config", help=_CONFIG_HELP)
+
+
 def _add_store_commands(sub: Any) -> None:
     ls = _add(sub, "ls", "list stored objects: model, tokens, bytes, codec, age",
               "lmkv ls --tier disk --model SmolLM2-135M-Instruct-1a2b3c4d5e6f7a8b --json", _cmd_ls)
-    ls.add_argument("--tier", choices=_TIER_CHOICES, help="only this tier (default: every persistent one)")
-    ls.add_argument("--model", help="only objects of this model id (as in `lmkv ls` output)")
+    _add_filters(ls, model_help="only objects of this model id (as in `lmkv ls` output)")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
-    ls.add_argument("--config", help=_CONFIG_HELP)
     ins = _add(sub, "inspect", "header fields, fingerprint, checksum status and bits per value of one object",
                "lmkv inspect /var/cache/lmkv/disk/3f/3f9a...e1.obj", _cmd_inspect)
     ins.add_argument("target", metavar="KEY|FILE", help="an object file (disk or node) or a storage key")
@@ -191,10 +196,8 @@ def _add_store_commands(sub: Any) -> None:
     chk.add_argument("--config", help=_CONFIG_HELP)
     clr = _add(sub, "clear", "remove stored objects (asks first unless --yes)",
                "lmkv clear --tier redis --model SmolLM2-135M-Instruct-1a2b3c4d5e6f7a8b --yes", _cmd_clear)
-    clr.add_argument("--tier", choices=_TIER_CHOICES, help="only this tier (default: every persistent one)")
-    clr.add_argument("--model", help="only objects of this model id")
+    _add_filters(clr, model_help="only objects of this model id")
     clr.add_argument("--yes", action="store_true", help="do not ask")
-    clr.add_argument("--config", help=_CONFIG_HELP)
     warm = _add(sub, "warm", "store the KV of documents ahead of requests (resumable; progress bar; summary)",
                 "lmkv warm --model ~/.cache/lmkv/models/SmolLM2-135M-Instruct docs/ --blend", _cmd_warm)
     warm.add_argument("--model", required=True, metavar="DIR", help="local transformers model directory (offline)")

@@ -33,66 +33,57 @@ void check_scales(const at::Tensor& s, int64_t rows, int64_t cols, const char* o
               ": scales must be float32 with ", rows * cols, " values");
 }
 
-std::tuple<at::Tensor, at::Tensor> int8_encode(const at::Tensor& x_in) {
-  check_rows(x_in, "quant_int8_encode");
+// int8 and fp8 share one layout: a float32 scale per row and one code byte per value; only the row math differs.
+template <typename Code, typename EncodeRow>
+std::tuple<at::Tensor, at::Tensor> scaled_encode(const at::Tensor& x_in, at::ScalarType code_type, const char* op,
+                                                 EncodeRow encode_row) {
+  check_rows(x_in, op);
   auto x = x_in.contiguous();
   const int64_t R = x.size(0), N = x.size(1);
   auto scales = at::empty({R}, at::kFloat);
-  auto codes = at::empty({R, N}, at::kChar);
+  auto codes = at::empty({R, N}, code_type);
   const float* xp = x.data_ptr<float>();
   float* sp = scales.data_ptr<float>();
-  int8_t* qp = codes.data_ptr<int8_t>();
+  Code* qp = codes.data_ptr<Code>();
   at::parallel_for(0, R, grain(N), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) lmkv::quant::int8_encode_row(xp + r * N, N, sp + r, qp + r * N);
+    for (int64_t r = b; r < e; ++r) encode_row(xp + r * N, N, sp + r, qp + r * N);
   });
   return {scales, codes};
 }
 
-at::Tensor int8_decode(const at::Tensor& scales_in, const at::Tensor& codes_in) {
-  TORCH_CHECK(codes_in.scalar_type() == at::kChar && codes_in.dim() == 2, "quant_int8_decode: codes int8 [R, N]");
+template <typename Code, typename DecodeRow>
+at::Tensor scaled_decode(const at::Tensor& scales_in, const at::Tensor& codes_in, at::ScalarType code_type,
+                         const char* op, DecodeRow decode_row) {
+  TORCH_CHECK(codes_in.scalar_type() == code_type && codes_in.dim() == 2, op, ": codes must be ", code_type,
+              " [R, N]");
   const int64_t R = codes_in.size(0), N = codes_in.size(1);
-  check_scales(scales_in, R, 1, "quant_int8_decode");
+  check_scales(scales_in, R, 1, op);
   auto scales = scales_in.contiguous();
   auto codes = codes_in.contiguous();
   auto out = at::empty({R, N}, at::kFloat);
   const float* sp = scales.data_ptr<float>();
-  const int8_t* qp = codes.data_ptr<int8_t>();
-  float* op = out.data_ptr<float>();
+  const Code* qp = codes.data_ptr<Code>();
+  float* outp = out.data_ptr<float>();
   at::parallel_for(0, R, grain(N), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) lmkv::quant::int8_decode_row(sp[r], qp + r * N, N, op + r * N);
+    for (int64_t r = b; r < e; ++r) decode_row(sp[r], qp + r * N, N, outp + r * N);
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> fp8_encode(const at::Tensor& x_in) {
-  check_rows(x_in, "quant_fp8_encode");
-  auto x = x_in.contiguous();
-  const int64_t R = x.size(0), N = x.size(1);
-  auto scales = at::empty({R}, at::kFloat);
-  auto codes = at::empty({R, N}, at::kByte);
-  const float* xp = x.data_ptr<float>();
-  float* sp = scales.data_ptr<float>();
-  uint8_t* qp = codes.data_ptr<uint8_t>();
-  at::parallel_for(0, R, grain(N), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) lmkv::quant::fp8_encode_row(xp + r * N, N, sp + r, qp + r * N);
-  });
-  return {scales, codes};
+std::tuple<at::Tensor, at::Tensor> int8_encode(const at::Tensor& x) {
+  return scaled_encode<int8_t>(x, at::kChar, "quant_int8_encode", lmkv::quant::int8_encode_row);
 }
 
-at::Tensor fp8_decode(const at::Tensor& scales_in, const at::Tensor& codes_in) {
-  TORCH_CHECK(codes_in.scalar_type() == at::kByte && codes_in.dim() == 2, "quant_fp8_decode: codes uint8 [R, N]");
-  const int64_t R = codes_in.size(0), N = codes_in.size(1);
-  check_scales(scales_in, R, 1, "quant_fp8_decode");
-  auto scales = scales_in.contiguous();
-  auto codes = codes_in.contiguous();
-  auto out = at::empty({R, N}, at::kFloat);
-  const float* sp = scales.data_ptr<float>();
-  const uint8_t* qp = codes.data_ptr<uint8_t>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, R, grain(N), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) lmkv::quant::fp8_decode_row(sp[r], qp + r * N, N, op + r * N);
-  });
-  return out;
+at::Tensor int8_decode(const at::Tensor& scales, const at::Tensor& codes) {
+  return scaled_decode<int8_t>(scales, codes, at::kChar, "quant_int8_decode", lmkv::quant::int8_decode_row);
+}
+
+std::tuple<at::Tensor, at::Tensor> fp8_encode(const at::Tensor& x) {
+  return scaled_encode<uint8_t>(x, at::kByte, "quant_fp8_encode", lmkv::quant::fp8_encode_row);
+}
+
+at::Tensor fp8_decode(const at::Tensor& scales, const at::Tensor& codes) {
+  return scaled_decode<uint8_t>(scales, codes, at::kByte, "quant_fp8_decode", lmkv::quant::fp8_decode_row);
 }
 
 void check_kivi(int64_t bits, int64_t group, const char* op) {
