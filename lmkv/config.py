@@ -67,6 +67,11 @@ def _f(default: Any, doc: str, **checks: Any) -> Any:
     return field(default=default, metadata={"doc": doc, **checks})
 
 
+# Built-in codec names a tier's serde may name here; a codec registered at run time (lmkv.ops.codec.register) is
+# chosen by passing its name to TieredStore(serdes=...), since the config is validated before user code runs.
+SERDES = ("raw", "cachegen", "int8", "fp8", "kivi")
+
+
 @dataclass(frozen=True)
 class MemoryConfig:
     """CPU RAM tier."""
@@ -74,7 +79,7 @@ class MemoryConfig:
     enabled: bool = _f(True, "keep a CPU RAM tier")
     capacity: int = _size("2GiB", "byte capacity; never exceeded")
     policy: str = _f("lru", "eviction policy", choices=("lru", "fifo"))
-    serde: str = _f("raw", "how objects are encoded in this tier", choices=("raw", "cachegen"))
+    serde: str = _f("raw", "how objects are encoded in this tier (a codec of lmkv.ops.codec)", choices=SERDES)
     pinned: bool = _f(True, "allocate the pool in pinned memory when CUDA is present")
     prefault: bool = _f(True, "touch the pool's pages at start on a background thread (capacity comes up as it goes)")
 
@@ -86,7 +91,7 @@ class NodeConfig:
     enabled: bool = _f(False, "keep a node-shared RAM tier (vLLM's scheduler and workers, other engines see it)")
     path: str = _f("/dev/shm/lmkv", "directory on a tmpfs for objects and the shared index")
     capacity: int = _size("8GiB", "host-wide byte capacity, whichever processes write; never exceeded")
-    serde: str = _f("raw", "how objects are encoded in this tier", choices=("raw", "cachegen"))
+    serde: str = _f("raw", "how objects are encoded in this tier (a codec of lmkv.ops.codec)", choices=SERDES)
     policy: str = _f("lru", "eviction policy (across processes)", choices=("lru", "fifo"))
 
 
@@ -97,7 +102,7 @@ class DiskConfig:
     enabled: bool = _f(True, "keep a local disk tier")
     path: str = _f("", "directory for objects; empty means <cache_dir>/disk")
     capacity: int = _size("16GiB", "byte capacity; never exceeded")
-    serde: str = _f("raw", "how objects are encoded in this tier", choices=("raw", "cachegen"))
+    serde: str = _f("raw", "how objects are encoded in this tier (a codec of lmkv.ops.codec)", choices=SERDES)
     o_direct: bool = _f(False, "use O_DIRECT for reads where the filesystem allows it (writes stay buffered)")
     policy: str = _f("lru", "eviction policy", choices=("lru", "fifo"))
     io_threads: int = _f(2, "background writer threads", min=1, max=64)
@@ -114,7 +119,7 @@ class RedisConfig:
     key_prefix: str = _f("lmkv:", "prefix of every key lmkv writes")
     socket_timeout: float = _f(0.5, "seconds before a Redis call counts as failed", min=0.001)
     retry_backoff: float = _f(1.0, "seconds before reconnecting after a failure (doubles, capped at 30)", min=0.0)
-    serde: str = _f("raw", "how objects are encoded in this tier", choices=("raw", "cachegen"))
+    serde: str = _f("raw", "how objects are encoded in this tier (a codec of lmkv.ops.codec)", choices=SERDES)
 
 
 @dataclass(frozen=True)

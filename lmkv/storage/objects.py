@@ -9,7 +9,7 @@ need the buffer aligned, not the payload). Layout (format version 1)::
     0      4    magic b"LMKV"
     4      2    format version (1)
     6      2    header length in bytes, padding included (multiple of 64, <= 4096)
-    8      1    serde code (1 raw, 2 cachegen)
+    8      1    serde code (1 raw, 2 cachegen, 3 a registered codec named in the payload)
     9      1    dtype code (lmkv.types.DTYPE_CODES) of the decoded tensor
     10     1    ndim (<= 8)
     11     1    checksum algorithm (1 xxh3-64, 2 crc32)

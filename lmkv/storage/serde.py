@@ -3,7 +3,8 @@
 ``raw`` stores the tensor's bytes as they are: zero-copy on encode; decode copies into ``out`` (any strides)
 or wraps an owned buffer without a copy; ``view`` lends the stored bytes as a tensor without any copy.
 ``cachegen`` stores ``lmkv.ops.codec.encode(kv)`` (lossy quantization + lossless arithmetic coding), imported
-lazily so the storage layer works before the codec exists. The header
+lazily so the storage layer works before the codec exists. Any other codec of the registry (``int8``, ``fp8``,
+``kivi``, one a researcher registered) is :class:`CodecSerde`, whose payload names its codec. The header
 always records the decoded tensor's dtype and shape, so a reader needs no configuration to decode.
 """
 
@@ -164,23 +165,92 @@ class CacheGenSerde:
         return kv
 
 
+class CodecSerde:
+    """Any codec of the registry (:func:`lmkv.ops.codec.get`: ``int8``, ``fp8``, ``kivi`` or a researcher's own).
+
+    The payload is ``[u8 n][n bytes: the codec's name][the codec's blob]``: the object names its codec, so a reader
+    decodes whatever codec the writer chose, without configuration. A name this process has not registered, a
+    blob its codec refuses (``CodecError``: corrupt, truncated, another codec's) or one that decodes to another
+    dtype or shape than the header's is a :class:`CorruptObject` (a miss with a warning, never wrong KV).
+
+    ``name`` None: a reader only (``serde_for_code``), which learns the codec from each payload.
+    """
+
+    code = 3
+    MAX_NAME = 64
+
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None:
+            self._codec(name)  # ValueError naming the registered codecs
+        self.name = name or "codec"
+
+    @staticmethod
+    def _codec(name: str) -> Any:
+        from lmkv.ops import codec  # lazy: the codecs are optional for storage
+
+        return codec.get(name)
+
+    def encode(self, key: str, kv: torch.Tensor, fingerprint: bytes) -> Encoded:
+        shape = tuple(int(s) for s in kv.shape)
+        validate_fields(key, fingerprint, shape)
+        name = self.name.encode()
+        blob = self._codec(self.name).encode(kv.contiguous(), None)
+        payload = bytes([len(name)]) + name + bytes(blob)
+        header = ObjectHeader(key, bytes(fingerprint), dtype_code(kv.dtype), shape, self.code, len(payload))
+        return Encoded(header, payload, owned=True)
+
+    def decode(self, obj: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
+        h = obj.header
+        dtype = DTYPES_BY_CODE[h.dtype_code]
+        mv = memoryview(obj.view()).cast("B")
+        n = mv[0] if len(mv) else 0
+        if not 1 <= n <= min(self.MAX_NAME, len(mv) - 1):
+            raise CorruptObject(f"codec payload of {h.key!r} names no codec (name length {n})")
+        try:
+            name = bytes(mv[1:1 + n]).decode("ascii")
+            codec = self._codec(name)
+        except (UnicodeDecodeError, ValueError):
+            raise CorruptObject(f"object {h.key!r} was written by codec {bytes(mv[1:1 + n])!r}, which this process "
+                                "has not registered (lmkv.ops.codec.register)") from None
+        try:
+            kv = codec.decode(mv[1 + n:])
+        except (ValueError, RuntimeError) as exc:  # CodecError is a ValueError
+            raise CorruptObject(f"{name} payload of {h.key!r} does not decode: {exc}") from None
+        if not isinstance(kv, torch.Tensor) or kv.dtype != dtype or tuple(kv.shape) != tuple(h.shape):
+            got = f"{kv.dtype} {tuple(kv.shape)}" if isinstance(kv, torch.Tensor) else type(kv).__name__
+            raise CorruptObject(f"{name} payload decodes to {got}, header says {dtype} {tuple(h.shape)}")
+        if out is not None:
+            _check_out(out, dtype, tuple(h.shape))
+            out.copy_(kv)
+            return out
+        return kv
+
+
 SERDES: dict[str, type] = {"raw": RawSerde, "cachegen": CacheGenSerde}
-SERDE_NAMES_BY_CODE = {RawSerde.code: "raw", CacheGenSerde.code: "cachegen"}
+SERDE_NAMES_BY_CODE = {RawSerde.code: "raw", CacheGenSerde.code: "cachegen", CodecSerde.code: "codec"}
 
 
 def get_serde(name: str, config: Any = None) -> Serde:
+    """The serde a tier encodes with: ``raw``, ``cachegen`` (``config``: its CodecConfig), or any codec registered
+    in :mod:`lmkv.ops.codec` by name (``int8``, ``fp8``, ``kivi``, your own) with its default parameters."""
     if name == "raw":
         return RawSerde()
     if name == "cachegen":
         return CacheGenSerde(config)
-    raise ValueError(f"serde must be one of {sorted(SERDES)}, got {name!r}")
+    try:
+        return CodecSerde(name)
+    except (ValueError, TypeError):
+        raise ValueError(f"serde must be raw, cachegen or a registered codec, got {name!r}") from None
 
 
 def serde_for_code(code: int, config: Any = None) -> Serde:
+    """The serde that decodes objects whose header carries ``code`` (a codec object names its own codec)."""
+    if code == CodecSerde.code:
+        return CodecSerde()
     try:
         return get_serde(SERDE_NAMES_BY_CODE[code], config)
     except KeyError:
         raise CorruptObject(f"unknown serde code {code}") from None
 
 
-__all__ = ["Serde", "RawSerde", "CacheGenSerde", "get_serde", "serde_for_code", "tensor_bytes"]
+__all__ = ["Serde", "RawSerde", "CacheGenSerde", "CodecSerde", "get_serde", "serde_for_code", "tensor_bytes"]
