@@ -149,3 +149,25 @@ def test_a_damaged_codec_object_on_disk_is_a_miss_with_a_warning(tmp_path, caplo
 def test_codec_serde_refuses_an_unknown_name() -> None:
     with pytest.raises(ValueError, match="unknown codec"):
         CodecSerde("no-such-codec")
+
+
+def test_notebook_02s_example_codec_keeps_its_bound_and_refuses_damage(tmp_path) -> None:
+    """experiments/example_codec.py (what notebook 02 registers): within its documented bound, a tier serde by
+    name, and a damaged blob is a CodecError."""
+    from experiments import example_codec
+
+    if "int4-token" not in codec.names():
+        codec.register(example_codec.CODEC)
+    kv = _chunk(7, 8).half()
+    back = example_codec.decode(example_codec.encode(kv))
+    scale = kv.float().abs().amax(dim=(-2, -1), keepdim=True).half().float() / 7
+    assert back.shape == kv.shape and bool(((back.float() - kv.float()).abs() <= scale / 2 + 1e-3 * scale).all())
+    blob = bytearray(example_codec.encode(kv))
+    blob[20] ^= 1
+    with pytest.raises(CodecError):
+        example_codec.decode(bytes(blob))
+    with TieredStore([DiskTier(tmp_path, 1 << 20)], ["int4-token"]) as store:
+        store.put("n", kv, fingerprint=FP)
+        store.flush()
+    with TieredStore([DiskTier(tmp_path, 1 << 20)]) as reader:
+        assert torch.equal(reader.get("n", fingerprint=FP), back)
