@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         save_plot(plot(summary), NAME)
     else:
         for key, fig in plot_metrics(summary).items():
-            save_plot(fig, f"{NAME}_{key.split()[0].lower().replace('-', '_')}")
+            save_plot(fig, f"{NAME}_{args.text}_{key.split()[0].lower().replace('-', '_')}")  # one per text, metric
     return summary
 
 
