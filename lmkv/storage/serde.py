@@ -128,6 +128,24 @@ def _readonly(buf: Any) -> bool:
     return memoryview(buf).readonly
 
 
+def _decoded(what: str, h: ObjectHeader, decode: Any, out: torch.Tensor | None) -> torch.Tensor:
+    """``decode()`` of a codec payload, checked against its header ``h`` and copied into ``out`` if given; a blob
+    the codec refuses (CodecError is a ValueError) or one of another dtype or shape is a CorruptObject."""
+    dtype = DTYPES_BY_CODE[h.dtype_code]
+    try:
+        kv = decode()
+    except (ValueError, RuntimeError) as exc:
+        raise CorruptObject(f"{what} payload of {h.key!r} does not decode: {exc}") from None
+    if not isinstance(kv, torch.Tensor) or kv.dtype != dtype or tuple(kv.shape) != tuple(h.shape):
+        got = f"{kv.dtype} {tuple(kv.shape)}" if isinstance(kv, torch.Tensor) else type(kv).__name__
+        raise CorruptObject(f"{what} payload decodes to {got}, header says {dtype} {tuple(h.shape)}")
+    if out is not None:
+        _check_out(out, dtype, tuple(h.shape))
+        out.copy_(kv)
+        return out
+    return kv
+
+
 class CacheGenSerde:
     name = "cachegen"
     code = 2
@@ -149,20 +167,7 @@ class CacheGenSerde:
         return Encoded(header, blob, owned=True)
 
     def decode(self, obj: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
-        h = obj.header
-        dtype = DTYPES_BY_CODE[h.dtype_code]
-        try:
-            kv = self._codec().decode(bytes(obj.view()))
-        except (ValueError, RuntimeError) as exc:  # CodecError is a ValueError
-            raise CorruptObject(f"cachegen payload of {h.key!r} does not decode: {exc}") from None
-        if kv.dtype != dtype or tuple(kv.shape) != tuple(h.shape):
-            raise CorruptObject(f"cachegen payload decodes to {kv.dtype} {tuple(kv.shape)}, header says "
-                                f"{dtype} {tuple(h.shape)}")
-        if out is not None:
-            _check_out(out, dtype, tuple(h.shape))
-            out.copy_(kv)
-            return out
-        return kv
+        return _decoded("cachegen", obj.header, lambda: self._codec().decode(bytes(obj.view())), out)
 
 
 class CodecSerde:
@@ -201,7 +206,6 @@ class CodecSerde:
 
     def decode(self, obj: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
         h = obj.header
-        dtype = DTYPES_BY_CODE[h.dtype_code]
         mv = memoryview(obj.view()).cast("B")
         n = mv[0] if len(mv) else 0
         if not 1 <= n <= min(self.MAX_NAME, len(mv) - 1):
@@ -212,18 +216,7 @@ class CodecSerde:
         except (UnicodeDecodeError, ValueError):
             raise CorruptObject(f"object {h.key!r} was written by codec {bytes(mv[1:1 + n])!r}, which this process "
                                 "has not registered (lmkv.ops.codec.register)") from None
-        try:
-            kv = codec.decode(mv[1 + n:])
-        except (ValueError, RuntimeError) as exc:  # CodecError is a ValueError
-            raise CorruptObject(f"{name} payload of {h.key!r} does not decode: {exc}") from None
-        if not isinstance(kv, torch.Tensor) or kv.dtype != dtype or tuple(kv.shape) != tuple(h.shape):
-            got = f"{kv.dtype} {tuple(kv.shape)}" if isinstance(kv, torch.Tensor) else type(kv).__name__
-            raise CorruptObject(f"{name} payload decodes to {got}, header says {dtype} {tuple(h.shape)}")
-        if out is not None:
-            _check_out(out, dtype, tuple(h.shape))
-            out.copy_(kv)
-            return out
-        return kv
+        return _decoded(name, h, lambda: codec.decode(mv[1 + n:]), out)
 
 
 SERDES: dict[str, type] = {"raw": RawSerde, "cachegen": CacheGenSerde}
