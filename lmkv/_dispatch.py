@@ -144,6 +144,8 @@ class Op:
         *backends: optimized implementations, in auto priority order.
         validate: optional ``validate(*args, **kwargs)`` run before dispatch; it raises on bad input and may
             return ``(args, kwargs)`` to normalise them for every backend alike.
+        device_of: optional ``device_of(args, kwargs) -> device type`` of the (normalised) call, where the first
+            tensor argument does not say (a pinned host chunk beside CUDA caches is a CUDA call).
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class Op:
         reference: Callable,
         *backends: Backend,
         validate: Callable[..., tuple[tuple, dict] | None] | None = None,
+        device_of: Callable[[tuple, dict], str] | None = None,
     ) -> None:
         self.name = name
         self.reference = reference
@@ -161,6 +164,7 @@ class Op:
                 raise ValueError(f"op {name}: duplicate backend {b.name!r}")
             self._backends[b.name] = b
         self.validate = validate
+        self._device_of = device_of or _device_of
         self._loaded: dict[str, _Loaded] = {}
         self._logged: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
@@ -175,9 +179,9 @@ class Op:
         return f"Op({self.name!r}, backends={self.backends()})"
 
     # -- introspection -------------------------------------------------------------------------------------
-    def backends(self) -> list[str]:
-        """All backend names, the reference last."""
-        return [*self._backends, REFERENCE]
+    def backends(self, device: str | None = None) -> list[str]:
+        """All backend names, the reference last; with ``device``, those declared for that device type."""
+        return [*(n for n, b in self._backends.items() if device is None or device in b.devices), REFERENCE]
 
     def unavailable_reason(self, name: str, device: str = "cpu") -> str | None:
         """None when backend ``name`` can run on ``device``, else the reason it cannot."""
@@ -229,6 +233,11 @@ class Op:
                     loaded = _Loaded(None, None, f"cannot import {backend.target}: {type(exc).__name__}: {exc}")
                 self._loaded[backend.name] = loaded
         return loaded
+
+    def requested(self, backend: str | None = None) -> str:
+        """The backend name a call with ``backend=`` would ask for (argument, context, ``LMKV_BACKEND``, else
+        ``"auto"``), before any availability check."""
+        return self._requested(backend)[0]
 
     def _requested(self, backend: str | None) -> tuple[str, bool]:
         """(name, explicit): explicit when it must run or raise rather than fall back."""
@@ -284,7 +293,7 @@ class Op:
             normalised = self.validate(*args, **kwargs)
             if normalised is not None:
                 args, kwargs = normalised
-        device = _device_of(args, kwargs)
+        device = self._device_of(args, kwargs)
         if backend is None and _selection.get() is None and "LMKV_BACKEND" not in os.environ:
             # The plain default, by far the commonest call: one dict lookup (hashing a short prompt takes a
             # few microseconds, so even building resolve()'s cache key would be a visible share of it).

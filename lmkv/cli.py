@@ -33,7 +33,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from lmkv import config as lmkv_config
     from lmkv._dispatch import all_ops
 
+    import lmkv.optimized.cuda as cuda_ext
+
     print(f"lmkv {lmkv.__version__}  torch {torch.__version__}  cuda={torch.cuda.is_available()}")
+    print(f"cuda backends: {cuda_ext.describe()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print("\nops and backends (auto's choice marked *):")
     for name, op in sorted(all_ops().items()):

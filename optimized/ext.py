@@ -92,5 +92,5 @@ def load_component(component: str) -> None:
 
 def unavailable_reason(device: str) -> str | None:
     if device != "cpu":
-        return "the C++ extension runs on CPU only (the CUDA sources are compile-checked, not built against torch)"
+        return "the C++ extension runs on CPU only (CUDA tensors have the cuda backend)"
     return compiler_missing()

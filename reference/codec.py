@@ -143,7 +143,7 @@ def dequantize(symbols: torch.Tensor, scales: tuple[torch.Tensor, ...], bins: to
     """
     sym, _ = as_planes(symbols)
     levels = ((bins.to(torch.int64) - 1) // 2).to(torch.float32)
-    out = torch.empty(sym.shape, dtype=dtype)
+    out = torch.empty(sym.shape, dtype=dtype, device=sym.device)
     for p in range(sym.shape[1]):
         k = levels[:, p, None, None, None]
         out[:, p] = ((sym[:, p].to(torch.float32) - k) * (scales[p].float() / k)).to(dtype)
@@ -296,26 +296,30 @@ def stream_tables(blob: fmt.Blob) -> torch.Tensor:
     return freq_to_cdf(tab.reshape(-1, nmax))
 
 
-def decode_with(blob: bytes | bytearray | memoryview, decoder: Decoder) -> torch.Tensor:
+def decode_with(blob: bytes | bytearray | memoryview, decoder: Decoder,
+                device: torch.device | str = "cpu") -> torch.Tensor:
     """Inverse of :func:`encode_with`, decoding the streams with ``decoder`` (any backend's ac_decode): blob ->
-    chunk of the encoded shape and dtype. CodecError on any bad blob, checked before the decoder runs."""
+    chunk of the encoded shape and dtype on ``device``. The blob is parsed and checked on the host (CodecError on
+    any bad blob) before the decoder runs; the decoder gets the tables on ``device`` and everything after it
+    (dequantization, the exact head) runs there."""
     parsed = fmt.unpack(blob)
     E, Q = parsed.exact_tokens, parsed.T - parsed.exact_tokens
     shape = (parsed.L, parsed.P, Q, parsed.H, parsed.D)
-    streams = decoder(parsed.payload, torch.from_numpy(parsed.lengths), stream_tables(parsed), Q)
-    symbols = from_streams(streams, shape)
+    tables = stream_tables(parsed).to(device)
+    streams = decoder(parsed.payload, torch.from_numpy(parsed.lengths), tables, Q)
+    symbols = from_streams(streams.to(device), shape)
     bins = torch.from_numpy(parsed.bins.astype(np.int64))
-    nsym = fmt.alphabet(bins)[:, :, None, None, None]
+    nsym = fmt.alphabet(bins)[:, :, None, None, None].to(device)
     if bool((symbols.to(torch.int64) >= nsym).any()):  # only a forged blob with a valid CRC gets here
         raise CodecError("bad CacheGen blob: decoded symbol outside its alphabet")
     scales = tuple(
         torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).reshape(
-            (parsed.L, 1, parsed.H, parsed.D) if per_channel else (parsed.L, Q, 1, 1))
+            (parsed.L, 1, parsed.H, parsed.D) if per_channel else (parsed.L, Q, 1, 1)).to(device)
         for a, per_channel in zip(parsed.scales, parsed.channel_scaled, strict=True))
-    x = dequantize(symbols, scales, bins, parsed.dtype)
+    x = dequantize(symbols, scales, bins.to(device), parsed.dtype)
     if E:
         head = torch.frombuffer(bytearray(parsed.exact), dtype=torch.uint8).view(parsed.dtype)
-        head = head.reshape(parsed.L, parsed.P, E, parsed.H, parsed.D)
+        head = head.reshape(parsed.L, parsed.P, E, parsed.H, parsed.D).to(device)
         if not bool(torch.isfinite(head).all()):  # only a forged blob with a valid CRC gets here
             raise CodecError("bad CacheGen blob: an exact token holds NaN or inf")
         x = torch.cat((head, x), dim=2)

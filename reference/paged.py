@@ -151,7 +151,8 @@ def gather(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch
         kv_caches: L per-layer tensors in ``layout`` (one ``[NB, L, 2, BS, H, D]`` tensor for cross_layer).
         slot_mapping: int64 ``[T]``; ``slot = block * BS + offset``; negative = skip the token.
         layout: one of :data:`~lmkv.layouts.LAYOUTS`, or a :class:`~lmkv.layouts.BlockMap`.
-        out: optional chunk ``[L, 2, >=T, H, D]`` (MLA ``[L, 1, >=T, D]``) written in place.
+        out: optional chunk ``[L, 2, >=T, H, D]`` (MLA ``[L, 1, >=T, D]``) written in place: on the caches'
+            device or, beside CUDA caches, in pinned host memory (the same holds for scatter's ``chunk``).
 
     Returns:
         ``out[:, :, :T]`` (a fresh chunk when ``out`` is None). For every ``t`` with ``slot[t] >= 0``::
@@ -163,6 +164,9 @@ def gather(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch
     if out is None:
         out = new_chunk(kv_caches, slot_mapping, layout)
     chunk = out.narrow(2, 0, slot_mapping.shape[0])
+    if chunk.device != slot_mapping.device:  # a pinned host chunk beside device caches: through a device copy
+        chunk.copy_(gather(kv_caches, slot_mapping, layout=layout, out=chunk.to(slot_mapping.device)))
+        return chunk
     if isinstance(layout, BlockMap):
         return _gather_mapped(layer_tensors(kv_caches, layout), slot_mapping, layout, chunk)
     layers, layer_layout = _per_layer(kv_caches, layout)
@@ -181,7 +185,7 @@ def scatter(chunk: torch.Tensor, kv_caches: torch.Tensor | Sequence[torch.Tensor
     (in ``layout``'s axis order). Nothing else in ``kv_caches`` changes; scatter then gather is the identity
     on the non-skipped rows.
     """
-    chunk = chunk.narrow(2, 0, slot_mapping.shape[0])
+    chunk = chunk.narrow(2, 0, slot_mapping.shape[0]).to(slot_mapping.device)  # a pinned host chunk: copied over
     if isinstance(layout, BlockMap):
         return _scatter_mapped(chunk, layer_tensors(kv_caches, layout), slot_mapping, layout)
     source = as_bytes_dtype(chunk)

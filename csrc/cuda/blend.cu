@@ -1,4 +1,5 @@
 // CUDA RoPE re-rotation for CacheBlend, torch-free (plain CUDA runtime, raw pointers, a caller's stream).
+// Bound into torch by csrc/cuda/bindings.cpp.
 // Limits: contiguous [M, T, H, D] keys (fp32 / fp16 / bf16), int64 deltas [T], fp32 inv_freq [R/2]; one thread per
 // (row, frequency) pair; in and out must not alias. Compile-checked in CI (no GPU there); the math is
 // lmkv/blend.h, shared with the CPU build. Launchers return the cudaError_t of the launch.
@@ -9,6 +10,7 @@
 #include <cstdint>
 
 #include "lmkv/blend.h"
+#include "lmkv/cuda_api.h"
 
 namespace {
 
@@ -72,16 +74,18 @@ cudaError_t lmkv_blend_rerotate_f32(const float* in, float* out, const int64_t* 
   return launch(in, out, delta, inv_freq, rows, tokens, heads, head_dim, rotary_dim, stream);
 }
 
-cudaError_t lmkv_blend_rerotate_f16(const __half* in, __half* out, const int64_t* delta, const float* inv_freq,
+cudaError_t lmkv_blend_rerotate_f16(const uint16_t* in, uint16_t* out, const int64_t* delta, const float* inv_freq,
                                     int64_t rows, int64_t tokens, int64_t heads, int64_t head_dim,
                                     int64_t rotary_dim, cudaStream_t stream) {
-  return launch(in, out, delta, inv_freq, rows, tokens, heads, head_dim, rotary_dim, stream);
+  return launch(reinterpret_cast<const __half*>(in), reinterpret_cast<__half*>(out), delta, inv_freq, rows, tokens,
+                heads, head_dim, rotary_dim, stream);
 }
 
-cudaError_t lmkv_blend_rerotate_bf16(const __nv_bfloat16* in, __nv_bfloat16* out, const int64_t* delta,
+cudaError_t lmkv_blend_rerotate_bf16(const uint16_t* in, uint16_t* out, const int64_t* delta,
                                      const float* inv_freq, int64_t rows, int64_t tokens, int64_t heads,
                                      int64_t head_dim, int64_t rotary_dim, cudaStream_t stream) {
-  return launch(in, out, delta, inv_freq, rows, tokens, heads, head_dim, rotary_dim, stream);
+  return launch(reinterpret_cast<const __nv_bfloat16*>(in), reinterpret_cast<__nv_bfloat16*>(out), delta, inv_freq,
+                rows, tokens, heads, head_dim, rotary_dim, stream);
 }
 
 }  // extern "C"

@@ -2,10 +2,11 @@
 // turn worst-case slots into one contiguous payload. Torch-free: plain CUDA runtime, raw pointers, cudaStream_t.
 // Limits: the arithmetic is lmkv/rangecoder.h (identical bytes to the CPU coder and the Python reference); one
 // thread per stream means a GPU needs thousands of streams (L * P * H * D) to be busy; tables are read from
-// global memory through L1; alphabets up to 256 symbols. Compile check: nvcc -c -std=c++17 -O2 -I csrc/include.
+// global memory through L1; alphabets up to 256 symbols. Bound into torch by csrc/cuda/bindings.cpp; CI compile-checks it.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "lmkv/cuda_api.h"
 #include "lmkv/rangecoder.h"
 
 namespace {

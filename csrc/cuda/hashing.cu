@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "lmkv/cuda_api.h"
 #include "lmkv/hash_blake2s.h"
 
 namespace {

@@ -1,61 +1,20 @@
 // Paged gather/scatter on CUDA (torch-free; hipify translates it for ROCm).
 //
-// Limits: compile-checked in CI (nvcc -c), not run there: the CPU build of torch cannot link a CUDA extension.
+// Bound into torch by csrc/cuda/bindings.cpp (lmkv.optimized.cuda builds both); CI compile-checks them.
 // One thread block per (token, layer * plane) row; its threads move the H x D row as words of `word_bytes`
 // (1, 2, 4, 8 or 16 bytes). The caller chooses the word with widest_word() and expresses the layer views and
-// chunk strides in words with to_words(); both use the index math of lmkv/paged.h shared with the CPU op.
+// chunk strides in words with to_words() (lmkv/cuda_api.h); the index math is lmkv/paged.h, shared with the CPU
+// op. The chunk may live in pinned host memory: unified addressing lets the kernel reach it over PCIe.
 // Layers may be separate allocations (an array of device pointers) with different strides. Duplicate scatter
-// slots race (the Python layer rejects them). Negative slots are skipped.
+// slots race (the Python layer rejects them). Negative slots and slots >= capacity are skipped.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "lmkv/paged.h"
+#include "lmkv/cuda_api.h"
 
 namespace lmkv {
 namespace paged {
-
-// Everything a launch needs besides the two device arrays (layer pointers and layer views).
-struct CopyShape {
-  int64_t num_layers, planes, tokens, heads, head_dim, block_size;  // head_dim in words
-  int64_t slot_stride;
-};
-
-// Host helper: the widest word (bytes) that divides every stride, the row and every base address, given the
-// host copies of the views/pointers in ELEMENTS. 1 when the head dim is strided.
-inline int32_t widest_word(const LayerView* views, const char* const* layer_ptrs, int64_t num_layers,
-                           const ChunkView& chunk, const char* chunk_ptr, int64_t head_dim, int64_t elem) {
-  if (chunk.dim != 1) return static_cast<int32_t>(elem);
-  for (int64_t l = 0; l < num_layers; ++l)
-    if (views[l].dim != 1) return static_cast<int32_t>(elem);
-  for (int32_t word = 16; word > elem; word /= 2) {
-    bool ok = (head_dim * elem) % word == 0 && reinterpret_cast<uintptr_t>(chunk_ptr) % word == 0;
-    const int64_t cs[4] = {chunk.layer, chunk.plane, chunk.token, chunk.head};
-    for (int64_t s : cs) ok = ok && (s * elem) % word == 0;
-    for (int64_t l = 0; ok && l < num_layers; ++l) {
-      const LayerView& v = views[l];
-      const int64_t vs[5] = {v.base, v.plane, v.block, v.offset, v.head};
-      for (int64_t s : vs) ok = ok && (s * elem) % word == 0;
-      ok = ok && reinterpret_cast<uintptr_t>(layer_ptrs[l]) % word == 0;
-    }
-    if (ok) return word;
-  }
-  return static_cast<int32_t>(elem);
-}
-
-// Host helper: a view in elements of `elem` bytes re-expressed in words of `word` bytes (word % elem == 0 and
-// widest_word() said every stride divides; the dim stride stays 1).
-inline LayerView to_words(LayerView v, int64_t elem, int64_t word) {
-  const int64_t r = word / elem;
-  if (r == 1) return v;
-  return {v.base / r, v.plane / r, v.block / r, v.offset / r, v.head / r, v.dim};
-}
-
-inline ChunkView to_words(ChunkView c, int64_t elem, int64_t word) {
-  const int64_t r = word / elem;
-  if (r == 1) return c;
-  return {c.layer / r, c.plane / r, c.token / r, c.head / r, c.dim};
-}
 
 template <typename Word, bool kGather>
 __global__ void paged_copy_kernel(char* const* layers, const LayerView* views, char* chunk_base, ChunkView chunk,
@@ -63,7 +22,7 @@ __global__ void paged_copy_kernel(char* const* layers, const LayerView* views, c
   const int64_t t = blockIdx.x;
   const int64_t lp = blockIdx.y;
   const int64_t slot = slots[t * shape.slot_stride];
-  if (slot < 0) return;
+  if (slot < 0 || slot >= shape.capacity) return;
   const int64_t layer = lp / shape.planes;
   const int64_t plane = lp % shape.planes;
   const LayerView v = views[layer];
@@ -106,7 +65,7 @@ __global__ void paged_mapped_kernel(char* const* layers, const int64_t* block_st
   const int64_t t = blockIdx.x;
   const int64_t lp = blockIdx.y;
   const int64_t slot = slots[t * shape.slot_stride];
-  if (slot < 0) return;
+  if (slot < 0 || slot >= shape.capacity) return;
   const int64_t layer = lp / 2;
   const int64_t plane = lp % 2;
   Elem* block = reinterpret_cast<Elem*>(layers[layer]) + (slot / shape.block_size) * block_strides[layer];

@@ -3,7 +3,7 @@ helpers (KV deviation, top-ratio selection, gradual-filtering counts) that have 
 
 ``rerotate(keys, old_positions, new_positions, rope)``: keys ``[..., T, H, D]`` (any leading dims; ``T`` tokens,
 ``H`` KV heads, ``D == rope.head_dim``), positions ``[T]`` integers; returns new keys rotated by ``new - old`` per
-token. Backends: reference, ``ext`` (C++ CPU), ``triton``; CUDA source compile-checked.
+token. Backends: reference, ``ext`` (C++ CPU), ``cuda`` (auto on CUDA), ``triton`` (on CUDA auto's second choice).
 
 ``prefill(steps, input_ids, segments, *, rope, ratio, check_layers, deviation, scores, rerotate_backend, policy)``:
 the blended prefill of a prompt over any model that supplies :class:`lmkv.blend_steps.BlendSteps` (HF models:
@@ -66,6 +66,7 @@ rerotate = register(
         "blend.rerotate",
         ref.rerotate,
         Backend("ext", "lmkv.optimized.blend.ext:rerotate", devices={"cpu"}, auto_devices={"cpu"}),
+        Backend("cuda", "lmkv.optimized.blend.cuda:rerotate", devices={"cuda"}, auto_devices={"cuda"}),
         Backend("triton", "lmkv.optimized.blend.triton:rerotate", devices={"cpu", "cuda"}, auto_devices={"cuda"}),
         validate=_validate_rerotate,
     )

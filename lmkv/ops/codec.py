@@ -4,7 +4,8 @@
 ``decode(blob, *, backend=None) -> Tensor`` (same shape and dtype) run the one pipeline of
 :mod:`lmkv.reference.codec` (quantize -> streams -> tables -> coder -> blob). Only the range coder has two
 implementations, so only it is dispatched: the ops ``codec.ac_encode`` / ``codec.ac_decode`` have the ``ext``
-backend (C++ coder, OpenMP over streams; auto on CPU) and the pure-Python ``reference`` (readable, slow: small
+backend (C++ coder, OpenMP over streams; auto on CPU), the ``cuda`` backend (one GPU thread per stream; auto on
+CUDA tensors, and for ``decode(blob, device="cuda")``) and the pure-Python ``reference`` (readable, slow: small
 inputs), and they produce identical bytes. ``backend=`` of :func:`encode` / :func:`decode` selects the coder
 (as do ``use_backend("codec.*=ext")`` and ``LMKV_BACKEND``). :func:`quantize`, :func:`dequantize` and
 :func:`cdf` are plain functions. A bad blob raises :class:`lmkv.errors.CodecError`; bad arguments raise
@@ -27,11 +28,15 @@ from lmkv.ops import quant as _quant  # int8 / fp8 / kivi / raw; kernels load on
 from lmkv.reference import codec as ref
 from lmkv.reference import codec_format as fmt
 
-_EXT = "lmkv.optimized.codec.ext"
+_EXT, _CUDA = "lmkv.optimized.codec.ext", "lmkv.optimized.codec.cuda"
 
 
 def _ext(fn: str) -> Backend:
     return Backend("ext", f"{_EXT}:{fn}", devices={"cpu"}, auto_devices={"cpu"})
+
+
+def _cuda(fn: str) -> Backend:
+    return Backend("cuda", f"{_CUDA}:{fn}", devices={"cuda"}, auto_devices={"cuda"})
 
 
 def _check_chunk(chunk: Any, config: Any) -> None:
@@ -96,32 +101,47 @@ def _validate_ac_decode(data: Any, lengths: Any, cdf: Any, num_tokens: Any) -> N
         raise ValueError(f"num_tokens: expected an int >= 0, got {num_tokens!r}")
 
 
-ac_encode = _register_op(Op("codec.ac_encode", ref.ac_encode, _ext("ac_encode"), validate=_validate_ac_encode))
-ac_decode = _register_op(Op("codec.ac_decode", ref.ac_decode, _ext("ac_decode"), validate=_validate_ac_decode))
+def _tables_device(args: tuple, kwargs: dict) -> str:
+    """A decode runs where its tables are: the payload arrives as host bytes either way."""
+    cdf = kwargs.get("cdf", args[2] if len(args) > 2 else None)
+    return cdf.device.type if isinstance(cdf, torch.Tensor) else "cpu"
+
+
+ac_encode = _register_op(Op("codec.ac_encode", ref.ac_encode, _ext("ac_encode"), _cuda("ac_encode"),
+                            validate=_validate_ac_encode))
+ac_decode = _register_op(Op("codec.ac_decode", ref.ac_decode, _ext("ac_decode"), _cuda("ac_decode"),
+                            validate=_validate_ac_decode, device_of=_tables_device))
 
 
 def encode(chunk: torch.Tensor, *, config: CodecConfig | None = None, backend: str | None = None) -> bytes:
     """chunk ``[L, 2, T, H, D]`` or MLA ``[L, 1, T, D]`` (fp32/fp16/bf16, any device) -> blob bytes.
 
-    ``backend`` selects the coder (``"ext"``, ``"reference"``, ``"auto"``; None: ``use_backend`` /
-    ``LMKV_BACKEND`` for ``codec.ac_encode``, then auto). Every coder gives the same bytes.
+    ``backend`` selects the coder (``"ext"``, ``"cuda"``, ``"reference"``, ``"auto"``; None: ``use_backend`` /
+    ``LMKV_BACKEND`` for ``codec.ac_encode``, then auto). Every coder gives the same bytes. Quantization and the
+    tables run on the CPU, so auto picks a CPU coder even for a CUDA chunk; ``backend="cuda"`` codes the streams
+    on the GPU (they are copied there).
     """
     _check_chunk(chunk, config)
     # The pipeline builds valid symbols and tables by construction: call the coder itself, not the Op, so the
     # Op's argument checks (passes over every symbol and table row) are not paid on every chunk.
-    _, coder = ac_encode.resolve(backend, "cpu")
+    name = ac_encode.requested(backend)
+    _, coder = ac_encode.resolve(backend, "cuda" if name == "cuda" else "cpu")
     return ref.encode_with(chunk.detach().cpu(), config, coder)
 
 
-def decode(blob: bytes | bytearray | memoryview, *, backend: str | None = None) -> torch.Tensor:
-    """blob -> chunk of the encoded shape and dtype, on the CPU; CodecError on any bad blob.
+def decode(blob: bytes | bytearray | memoryview, *, backend: str | None = None,
+           device: torch.device | str | None = None) -> torch.Tensor:
+    """blob -> chunk of the encoded shape and dtype on ``device`` (default the CPU); CodecError on any bad blob.
 
-    ``backend`` selects the coder as in :func:`encode`. The blob's structure is checked before any stream is
-    decoded, so the coder only ever sees consistent lengths and tables.
+    ``backend`` selects the coder as in :func:`encode`, among those that run on ``device``: with
+    ``device="cuda"`` auto decodes the streams with the CUDA coder and dequantizes on the GPU, so only the
+    compressed bytes cross PCIe. The blob's structure is checked on the host before any stream is decoded, so
+    the coder only ever sees consistent lengths and tables.
     """
     _validate_decode(blob)
-    _, decoder = ac_decode.resolve(backend, "cpu")
-    return ref.decode_with(blob, decoder)
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    _, decoder = ac_decode.resolve(backend, target.type)
+    return ref.decode_with(blob, decoder, device=target)
 
 
 def quantize(chunk: torch.Tensor, config: CodecConfig | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:

@@ -10,8 +10,9 @@ validated them once: an engine passes the same L tensors on every step, and chec
 devices costs more than a small gather, so it keeps a handle per registered cache and only the slots and the
 chunk are checked per call.
 
-Backends: ``ext`` (C++ CPU op, auto on CPU), ``triton`` (auto on CUDA; on CPU only interpreted, for tests),
-``reference``. Every input is checked by :func:`validate` before any backend runs, so bad input raises a
+Backends: ``ext`` (C++ CPU op, auto on CPU), ``cuda`` (the CUDA kernel, auto on CUDA), ``triton`` (on CUDA
+auto's second choice; on CPU only interpreted, for tests), ``reference``. Beside CUDA caches the chunk (``out``
+of gather, ``chunk`` of scatter) may be in pinned host memory: the call then returns when the host side is done. Every input is checked by :func:`validate` before any backend runs, so bad input raises a
 ValueError/TypeError naming the argument and nothing is written.
 """
 
@@ -194,13 +195,19 @@ def _check_chunk(chunk: object, name: str, want: tuple[int, ...], dtype: torch.d
         raise TypeError(f"{name} must be a torch.Tensor, got {type(chunk).__name__}")
     if chunk.dtype != dtype:
         raise TypeError(f"{name} has dtype {chunk.dtype}, kv_caches have {dtype}")
-    if chunk.device != device:
-        raise ValueError(f"{name} is on {chunk.device}, kv_caches are on {device}")
+    if chunk.device != device and not _pinned_beside_cuda(chunk, device):
+        hint = " (a host chunk beside CUDA caches must be pinned: tensor.pin_memory())" if device.type == "cuda" else ""
+        raise ValueError(f"{name} is on {chunk.device}, kv_caches are on {device}{hint}")
     got = tuple(chunk.shape)
     if len(got) != len(want) or got[:2] != want[:2] or got[3:] != want[3:]:
         raise ValueError(f"{name} has shape {got}, expected {want} for these kv_caches (T may be larger)")
     if got[2] < want[2]:
         raise ValueError(f"{name} is too small: {got[2]} token rows for {want[2]} slots")
+
+
+def _pinned_beside_cuda(chunk: torch.Tensor, device: torch.device) -> bool:
+    """A chunk in pinned host memory may travel to or from CUDA caches (one DMA copy, or the kernel over PCIe)."""
+    return device.type == "cuda" and chunk.device.type == "cpu" and chunk.is_pinned()
 
 
 def _paged_cache(kv_caches: object, layout: object) -> PagedCache:
@@ -243,19 +250,26 @@ def _validate_scatter(*args, **kwargs) -> tuple[tuple, dict]:
     return validate(*args, _scatter=True, **kwargs)
 
 
-_EXT, _TRITON = "lmkv.optimized.paged.ext", "lmkv.optimized.paged.triton"
+def _slots_device(args: tuple, kwargs: dict) -> str:
+    """The caches' device type (slot_mapping is on it): a pinned host chunk does not make a call a CPU call."""
+    return args[-1].device.type
+
+
+_EXT, _CUDA, _TRITON = "lmkv.optimized.paged.ext", "lmkv.optimized.paged.cuda", "lmkv.optimized.paged.triton"
 
 gather = register(Op(
     "paged.gather", ref.gather,
     Backend("ext", f"{_EXT}:gather", devices={"cpu"}, auto_devices={"cpu"}),
+    Backend("cuda", f"{_CUDA}:gather", devices={"cuda"}, auto_devices={"cuda"}),
     Backend("triton", f"{_TRITON}:gather", devices={"cpu", "cuda"}, auto_devices={"cuda"}),
-    validate=validate,
+    validate=validate, device_of=_slots_device,
 ))
 scatter = register(Op(
     "paged.scatter", ref.scatter,
     Backend("ext", f"{_EXT}:scatter", devices={"cpu"}, auto_devices={"cpu"}),
+    Backend("cuda", f"{_CUDA}:scatter", devices={"cuda"}, auto_devices={"cuda"}),
     Backend("triton", f"{_TRITON}:scatter", devices={"cpu", "cuda"}, auto_devices={"cuda"}),
-    validate=_validate_scatter,
+    validate=_validate_scatter, device_of=_slots_device,
 ))
 
 

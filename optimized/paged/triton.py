@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from lmkv.layouts import BlockMap, as_bytes_dtype, canonical_layer_views, layer_tensors, new_chunk
+from lmkv.optimized.paged import host
 from lmkv.optimized.triton import unavailable_reason as unavailable_reason
 
 _MAX_TILE = 1 << 14  # elements per program: a register budget on GPU, numpy temporaries under the interpreter
@@ -163,6 +164,8 @@ def gather(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch
            out: torch.Tensor | None = None) -> torch.Tensor:
     if out is None:
         out = new_chunk(kv_caches, slot_mapping, layout)
+    if out.device != slot_mapping.device:  # a pinned host chunk: Triton kernels address device memory only
+        return host.gather(gather, kv_caches, slot_mapping, layout, out)
     if isinstance(layout, BlockMap):
         _launch_mapped(kv_caches, slot_mapping, out, layout, gather=True)
     else:
@@ -173,6 +176,8 @@ def gather(kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch
 
 def scatter(chunk: torch.Tensor, kv_caches: torch.Tensor | Sequence[torch.Tensor], slot_mapping: torch.Tensor, *,
             layout: str | BlockMap) -> None:
+    if chunk.device != slot_mapping.device:
+        return host.scatter(scatter, chunk, kv_caches, slot_mapping, layout)
     if isinstance(layout, BlockMap):
         _launch_mapped(kv_caches, slot_mapping, chunk, layout, gather=False)
     else:

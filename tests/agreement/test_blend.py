@@ -22,7 +22,7 @@ from lmkv.models import tiny_model
 from lmkv.ops import blend
 from lmkv.rope import RopeSpec
 
-BACKENDS = [b for b in blend.rerotate.backends() if b != "reference"]
+BACKENDS = [b for b in blend.rerotate.backends("cpu") if b != "reference"]
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -203,12 +203,12 @@ def _skip_unavailable(op, backend: str) -> None:
         pytest.skip(reason)
 
 
-@pytest.mark.parametrize("backend", paged.gather.backends())
+@pytest.mark.parametrize("backend", paged.gather.backends("cpu"))
 def test_gather_agrees_with_reference(backend: str) -> None:
     check_backend(paged.gather, backend, cases(), _run, examples=EDGE_CASES, max_examples=EXAMPLES[backend])
 
 
-@pytest.mark.parametrize("backend", paged.scatter.backends())
+@pytest.mark.parametrize("backend", paged.scatter.backends("cpu"))
 def test_scatter_agrees_and_round_trips(backend: str) -> None:
     check_backend(paged.scatter, backend, cases(distinct=True), _run_scatter, examples=EDGE_CASES,
                   max_examples=EXAMPLES[backend])
@@ -234,7 +234,7 @@ def _coordinate_caches(case: Case) -> list[torch.Tensor] | torch.Tensor:
 
 
 @pytest.mark.parametrize("layout", paged.LAYOUTS)
-@pytest.mark.parametrize("backend", paged.gather.backends())
+@pytest.mark.parametrize("backend", paged.gather.backends("cpu"))
 def test_gather_reads_the_documented_element(layout: str, backend: str) -> None:
     _skip_unavailable(paged.gather, backend)
     case = Case(layout, torch.float64, 3, 1 if layout == "mla" else 2, 3, 4, 5, (7, -1, 0, 19, 12))
@@ -345,7 +345,8 @@ def test_empty_slot_mapping() -> None:
 def test_auto_picks_ext_on_cpu_and_never_interpreted_triton() -> None:
     name, _ = paged.gather.resolve(None, "cpu")
     assert name == ("reference" if paged.gather.unavailable_reason("ext") else "ext")
-    assert paged.gather.backends() == ["ext", "triton", "reference"]
+    assert paged.gather.backends() == ["ext", "cuda", "triton", "reference"]
+    assert paged.gather.backends("cpu") == ["ext", "triton", "reference"]
 
 
 @pytest.mark.parametrize("layout", paged.LAYOUTS)
@@ -407,7 +408,7 @@ def _check_handle_moves_the_same_bytes(case: Case, backend: str) -> None:
     assert same_bytes(caches, other), f"{backend}: scatter through the handle differs from the list"
 
 
-@pytest.mark.parametrize("backend", paged.gather.backends())
+@pytest.mark.parametrize("backend", paged.gather.backends("cpu"))
 def test_handle_and_list_move_identical_bytes(backend: str) -> None:
     check_backend(paged.gather, backend, cases(), _check_handle_moves_the_same_bytes, examples=EDGE_CASES[:4],
                   max_examples={"triton": 5, "ext": 20, "reference": 10}[backend])
