@@ -30,10 +30,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     import lmkv
+    import lmkv.optimized.cuda as cuda_ext
     from lmkv import config as lmkv_config
     from lmkv._dispatch import all_ops
-
-    import lmkv.optimized.cuda as cuda_ext
 
     print(f"lmkv {lmkv.__version__}  torch {torch.__version__}  cuda={torch.cuda.is_available()}")
     print(f"cuda backends: {cuda_ext.describe()}")

@@ -140,6 +140,8 @@ def decode(blob: bytes | bytearray | memoryview, *, backend: str | None = None,
     """
     _validate_decode(blob)
     target = torch.device(device) if device is not None else torch.device("cpu")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {target} requested, but torch.cuda.is_available() is False here")
     _, decoder = ac_decode.resolve(backend, target.type)
     return ref.decode_with(blob, decoder, device=target)
 

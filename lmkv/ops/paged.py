@@ -12,8 +12,9 @@ chunk are checked per call.
 
 Backends: ``ext`` (C++ CPU op, auto on CPU), ``cuda`` (the CUDA kernel, auto on CUDA), ``triton`` (on CUDA
 auto's second choice; on CPU only interpreted, for tests), ``reference``. Beside CUDA caches the chunk (``out``
-of gather, ``chunk`` of scatter) may be in pinned host memory: the call then returns when the host side is done. Every input is checked by :func:`validate` before any backend runs, so bad input raises a
-ValueError/TypeError naming the argument and nothing is written.
+of gather, ``chunk`` of scatter) may be in pinned host memory: the call then returns when the host side is done.
+Every input is checked by :func:`validate` before any backend runs, so bad input raises a ValueError/TypeError
+naming the argument and nothing is written.
 """
 
 from __future__ import annotations
