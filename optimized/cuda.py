@@ -45,6 +45,20 @@ def find_nvcc() -> str | None:
     return str(default) if default.exists() else None
 
 
+def cuda_home(nvcc: str | None = None) -> Path | None:
+    """The toolkit root (``include/cuda_runtime_api.h`` inside): ``$CUDA_HOME``/``$CUDA_PATH``, else the folder
+    above ``nvcc``'s ``bin`` (``nvcc`` may be a wrapper script elsewhere), else /usr/local/cuda."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = nvcc or find_nvcc()
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_runtime_api.h").exists():
+            return Path(c)
+    return None
+
+
 @functools.lru_cache(maxsize=8)
 def nvcc_version(nvcc: str) -> str | None:
     """``"13.0"`` from ``nvcc --version`` (None when it does not run or says no release)."""
@@ -150,8 +164,9 @@ def load() -> None:
         build_dir.mkdir(parents=True, exist_ok=True)
         from torch.utils import cpp_extension
 
-        if nvcc and not os.environ.get("CUDA_HOME"):
-            os.environ["CUDA_HOME"] = str(Path(nvcc).resolve().parents[1])  # cpp_extension reads it to link
+        home = cuda_home(nvcc)
+        if home is not None and not os.environ.get("CUDA_HOME"):
+            os.environ["CUDA_HOME"] = str(home)  # cpp_extension finds nvcc, headers and libcudart through it
         try:
             cpp_extension.load(
                 name="lmkv_cuda",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from _backends import check_backend
+from _backends import back, check_backend, on
 from hypothesis import strategies as st
 
 from lmkv.layouts import LAYOUT_CODES, as_bytes_dtype, chunk_shape
@@ -156,8 +156,11 @@ EDGE_CASES = [
 ]
 
 
-def _run(case: Case, backend: str) -> None:
-    """Gather with ``backend`` and with the reference into identically poisoned buffers; compare every byte."""
+def _run(case: Case, backend: str, device: str = "cpu", pinned: bool = False) -> None:
+    """Gather with ``backend`` and with the reference into identically poisoned buffers; compare every byte.
+
+    The reference runs on CPU tensors; ``backend`` on copies on ``device`` (same strides, same bytes), its ``out``
+    in pinned host memory when ``pinned``."""
     gen = torch.Generator().manual_seed(case.seed)
     caches = make_caches(case, gen)
     before = clone_like(caches, case, gen)
@@ -165,9 +168,12 @@ def _run(case: Case, backend: str) -> None:
     want = poisoned_chunk(case, case.strided_chunk, gen)
     got = poisoned_chunk(case, case.strided_chunk, gen)
     ref.gather(caches, slots, layout=case.layout, out=want)
-    result = paged.gather(caches, slots, layout=case.layout, out=got, backend=backend)
+    caches = on(caches, device)
+    got = on(got, "cpu" if pinned else device, pinned=pinned)
+    result = paged.gather(caches, on(slots, device), layout=case.layout, out=got, backend=backend)
     assert result.shape == case.chunk_shape(len(case.slots))
     assert result.data_ptr() == got.data_ptr(), "gather must return a view of out"
+    caches, got = back(caches), back(got)
     assert same_bytes(got, want), f"{backend} gather differs from the reference"
     assert same_bytes(caches, before), "gather modified kv_caches"
     # Skipped rows and the rows past T are untouched (the reference comparison covers the written ones).
@@ -177,7 +183,7 @@ def _run(case: Case, backend: str) -> None:
     assert all_poison(got.narrow(2, len(case.slots), case.extra_rows)), "rows past T were written"
 
 
-def _run_scatter(case: Case, backend: str) -> None:
+def _run_scatter(case: Case, backend: str, device: str = "cpu", pinned: bool = False) -> None:
     gen = torch.Generator().manual_seed(case.seed)
     caches = make_caches(case, gen)
     want = clone_like(caches, case, gen)
@@ -185,15 +191,17 @@ def _run_scatter(case: Case, backend: str) -> None:
     chunk_before = chunk.clone()
     slots = torch.tensor(case.slots, dtype=torch.int64)
     ref.scatter(chunk, want, slots, layout=case.layout)
-    assert paged.scatter(chunk, caches, slots, layout=case.layout, backend=backend) is None
-    assert same_bytes(caches, want), f"{backend} scatter differs from the reference"
-    assert same_bytes(chunk, chunk_before), "scatter modified chunk"
+    caches, dslots = on(caches, device), on(slots, device)
+    sent_chunk = on(chunk, "cpu" if pinned else device, pinned=pinned)
+    assert paged.scatter(sent_chunk, caches, dslots, layout=case.layout, backend=backend) is None
+    assert same_bytes(back(caches), want), f"{backend} scatter differs from the reference"
+    assert same_bytes(back(sent_chunk), chunk_before), "scatter modified chunk"
     # Round trip: gathering what was scattered gives the chunk back on every non-skipped row.
-    back = poisoned_chunk(case, False, gen)
-    paged.gather(caches, slots, layout=case.layout, out=back, backend=backend)
+    returned = on(poisoned_chunk(case, False, gen), device)
+    paged.gather(caches, dslots, layout=case.layout, out=returned, backend=backend)
     valid = torch.tensor([s >= 0 for s in case.slots], dtype=torch.bool)
     n = len(case.slots)
-    got, sent = as_bytes_dtype(back)[:, :, :n], as_bytes_dtype(chunk)[:, :, :n]
+    got, sent = as_bytes_dtype(back(returned))[:, :, :n], as_bytes_dtype(chunk)[:, :, :n]
     assert torch.equal(got[:, :, valid], sent[:, :, valid])
 
 

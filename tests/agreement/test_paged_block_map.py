@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from _backends import check_backend
+from _backends import back, check_backend, on
 from hypothesis import strategies as st
 
 from lmkv.adapters.vllm_layout import cpu_attn_block_map
@@ -143,7 +143,7 @@ def _skip_unavailable(backend: str) -> None:
         pytest.skip(reason)
 
 
-def _check_gather(case: MapCase, backend: str) -> None:
+def _check_gather(case: MapCase, backend: str, device: str = "cpu", pinned: bool = False) -> None:
     gen = torch.Generator().manual_seed(case.seed)
     bm = case.block_map()
     caches = make_caches(case, bm, gen)
@@ -151,8 +151,10 @@ def _check_gather(case: MapCase, backend: str) -> None:
     slots = torch.tensor(case.slots, dtype=torch.int64)
     want, got = poisoned_chunk(case, gen), poisoned_chunk(case, gen)
     ref.gather(caches, slots, layout=bm, out=want)
-    result = paged.gather(caches, slots, layout=bm, out=got, backend=backend)
+    caches, got = on(caches, device), on(got, "cpu" if pinned else device, pinned=pinned)
+    result = paged.gather(caches, on(slots, device), layout=bm, out=got, backend=backend)
     assert result.shape == case.chunk_shape(len(case.slots)) and result.data_ptr() == got.data_ptr()
+    caches, got = back(caches), back(got)
     assert torch.equal(_bytes(got), _bytes(want)), f"{backend} gather differs from the reference"
     assert all(torch.equal(_bytes(a), _bytes(b)) for a, b in zip(caches, before, strict=True)), "gather wrote caches"
     for t, slot in enumerate(case.slots):
@@ -161,7 +163,7 @@ def _check_gather(case: MapCase, backend: str) -> None:
     assert bool((_bytes(got[:, :, len(case.slots):]) == _word(got)).all()), "rows past T were written"
 
 
-def _check_scatter(case: MapCase, backend: str) -> None:
+def _check_scatter(case: MapCase, backend: str, device: str = "cpu", pinned: bool = False) -> None:
     gen = torch.Generator().manual_seed(case.seed)
     bm = case.block_map()
     caches = make_caches(case, bm, gen)
@@ -170,14 +172,16 @@ def _check_scatter(case: MapCase, backend: str) -> None:
     sent = chunk.clone()
     slots = torch.tensor(case.slots, dtype=torch.int64)
     ref.scatter(chunk, want, slots, layout=bm)
-    assert paged.scatter(chunk, caches, slots, layout=bm, backend=backend) is None
-    assert all(torch.equal(_bytes(a), _bytes(b)) for a, b in zip(caches, want, strict=True)), \
+    caches, dslots = on(caches, device), on(slots, device)
+    placed = on(chunk, "cpu" if pinned else device, pinned=pinned)
+    assert paged.scatter(placed, caches, dslots, layout=bm, backend=backend) is None
+    assert all(torch.equal(_bytes(a), _bytes(b)) for a, b in zip(back(caches), want, strict=True)), \
         f"{backend} scatter differs from the reference"
-    assert torch.equal(_bytes(chunk), _bytes(sent)), "scatter modified the chunk"
-    back = paged.gather(caches, slots, layout=bm, backend=backend)
+    assert torch.equal(_bytes(back(placed)), _bytes(sent)), "scatter modified the chunk"
+    returned = back(paged.gather(caches, dslots, layout=bm, backend=backend))
     keep = torch.tensor([s >= 0 for s in case.slots], dtype=torch.bool)
     n = len(case.slots)
-    assert torch.equal(_bytes(back)[:, :, keep], _bytes(chunk)[:, :, :n][:, :, keep]), "scatter then gather"
+    assert torch.equal(_bytes(returned)[:, :, keep], _bytes(chunk)[:, :, :n][:, :, keep]), "scatter then gather"
 
 
 @pytest.mark.parametrize("backend", paged.gather.backends("cpu"))
