@@ -123,11 +123,12 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
 
-def write_rows(name: str, rows: list[dict[str, Any]]) -> Path:
-    """Append rows (each merged with :func:`environment`) to ``results/<name>.jsonl``."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_rows(name: str, rows: list[dict[str, Any]], out_dir: Path | None = None) -> Path:
+    """Append rows (each merged with :func:`environment`) to ``<out_dir or results>/<name>.jsonl``."""
+    out_dir = out_dir or RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
-    path = RESULTS / f"{name}.jsonl"
+    path = out_dir / f"{name}.jsonl"
     with path.open("a") as fh:
         for row in rows:
             fh.write(json.dumps({"experiment": name, **env, **row}, default=str) + "\n")
@@ -154,9 +155,10 @@ def print_table(rows: list[dict[str, Any]], columns: Sequence[str], title: str |
     return text
 
 
-def save_plot(fig: Any, name: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.png"
+def save_plot(fig: Any, name: str, out_dir: Path | None = None) -> Path:
+    out_dir = out_dir or RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
 

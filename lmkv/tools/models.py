@@ -137,6 +137,37 @@ def _strip_quantization_config(target: Path) -> None:
         os.replace(tmp, path)
 
 
+# config.json of the converted SmolLM2-135M-Instruct (tests/test_cuda_backend.py checks it against a fresh
+# conversion): where its 98 MB of weights cannot travel (a GPU machine reached through a 64 MiB link), a model of
+# the same architecture with random weights has the same shapes, FLOPs and KV bytes, so the same TTFT.
+SMOLLM2_CONFIG: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+    "eos_token_id": 2, "head_dim": 64, "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.02,
+    "intermediate_size": 1536, "max_position_embeddings": 8192, "mlp_bias": False, "model_type": "llama",
+    "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3, "pad_token_id": 2,
+    "pretraining_tp": 1, "rms_norm_eps": 9.999999747378752e-06,
+    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}, "tie_word_embeddings": True,
+    "unk_token_id": 0, "use_cache": True, "vocab_size": 49152,
+}
+
+
+def smollm2_config() -> Any:
+    """The ``LlamaConfig`` of SmolLM2-135M-Instruct, without its weights."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig.from_dict(dict(SMOLLM2_CONFIG))
+
+
+def smollm2_random(dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> Any:
+    """SmolLM2-135M's architecture with random weights (deterministic in ``seed``), in eval mode: for timings
+    where the real weights are not at hand."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(smollm2_config(), dtype=dtype)
+    return model.to(device).eval()
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for SmolLM2-135M-Instruct in eval mode, on CPU, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
