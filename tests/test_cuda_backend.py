@@ -96,3 +96,21 @@ def test_encode_with_the_cuda_coder_named_needs_it() -> None:
     else:
         with pytest.raises(BackendUnavailable, match="cuda"):
             codec.encode(chunk, backend="cuda")
+
+
+def test_lmkv_info_shows_the_cuda_backends_and_why(capsys: pytest.CaptureFixture[str]) -> None:
+    from lmkv.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("cuda backends: "))
+    assert f"torch CUDA {torch.version.cuda}" in line
+    if HAVE_CUDA:
+        assert "loaded" in line or "buildable" in line, line
+    else:
+        assert "unavailable: " + cuda_ext.unavailable_reason("cuda") in line
+    for op in CUDA_OPS:
+        rows = [x for x in out.splitlines() if x.startswith(f"  {op.name} ")]
+        assert "cuda(unavailable" in rows[0] and "[cpu]" in rows[0], rows  # the cpu row names the cuda backend
+        if HAVE_CUDA:
+            assert "[cuda]" in rows[1] and "cuda*" in rows[1], rows  # auto's choice on CUDA tensors
