@@ -353,6 +353,8 @@ def _model(run: Run) -> tuple[Any, str]:
     from lmkv.tools import models
 
     dtype = torch.bfloat16 if run.gpu else torch.float32
+    if not run.gpu and not run.model:  # the CPU dry run checks the code path, not SmolLM2's speed
+        return models.tiny_model("llama", dtype=dtype), "tiny random llama (CPU dry run)"
     path = Path(run.model) if run.model else models.cache_dir() / "models" / models.SMOLLM2_NAME
     if (path / "model.safetensors").is_file():
         from transformers import AutoModelForCausalLM

