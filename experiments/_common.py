@@ -74,10 +74,12 @@ def time_once(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> 
 
 
 def alternate(candidates: dict[str, Callable[[], Any]], *, repeats: int = 7, warmup: int = 1,
-              sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
+              sync: Callable[[], None] | None = None,
+              clock: Callable[[str, Callable[[], Any]], float] | None = None) -> dict[str, list[float]]:
     """Time each candidate ``repeats`` times, interleaved A B C A B C ..., after ``warmup`` untimed rounds.
 
-    Returns seconds per call for each candidate, in order of measurement.
+    ``clock(name, fn) -> seconds`` replaces the wall clock (CUDA events, say). Returns seconds per call for each
+    candidate, in order of measurement.
     """
     for _ in range(warmup):
         for fn in candidates.values():
@@ -85,7 +87,7 @@ def alternate(candidates: dict[str, Callable[[], Any]], *, repeats: int = 7, war
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
-            times[name].append(time_once(fn, sync))
+            times[name].append(clock(name, fn) if clock else time_once(fn, sync))
     return times
 
 

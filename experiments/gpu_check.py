@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from experiments._common import environment, median, print_table, save_plot, write_rows
+from experiments._common import alternate, environment, median, print_table, save_plot, time_once, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("build", "tests", "paged", "coder", "ttft")
@@ -80,24 +80,18 @@ def timed(candidates: dict[str, Callable[[], Any]], repeats: int, device: torch.
     """Seconds per call of each candidate, measured alternately (A B C A B C ...) after ``warmup`` rounds: CUDA
     events on a GPU (the GPU's own clock: launch overhead the host hides does not count), wall time on the CPU
     and for the candidates named in ``wall`` (CPU work beside GPU work in the same loop)."""
-    for _ in range(warmup):
-        for fn in candidates.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            if device.type == "cuda" and name not in wall:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return times
+
+    def clock(name: str, fn: Callable[[], Any]) -> float:
+        if device.type != "cuda" or name in wall:
+            return time_once(fn)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    return alternate(candidates, repeats=repeats, warmup=warmup, clock=clock)
 
 
 def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, gpu: bool) -> torch.Tensor:
