@@ -20,7 +20,7 @@ out=$(cd "$out" && pwd)
 cd "$root" || exit 2
 
 "$py" - <<'PY' || exit 2
-import importlib, sys
+import importlib.util, sys
 missing = [m for m in ("torch", "yaml", "xxhash", "pytest", "hypothesis", "transformers", "numpy", "matplotlib")
            if importlib.util.find_spec(m) is None]
 if missing:

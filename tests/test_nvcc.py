@@ -1,10 +1,11 @@
 """The CUDA component compiles here, as far as a machine without a CUDA build of torch allows.
 
-Every ``csrc/cuda/*.cu`` compiles with ``nvcc -c``; ``csrc/cuda/bindings.cpp`` compiles (``-c``) against the CPU
-wheel's torch headers (which ship ``c10/cuda`` and ``ATen/cuda``, less one header CMake generates: a stub stands in)
-and the toolkit's; and every launcher the bindings call is defined by exactly one kernel object, with the C
-linkage the header declares. Linking cannot work here (the CPU wheel has no libc10_cuda); a GPU machine builds
-and runs the whole thing (scripts/gpu_check.sh, tests/agreement/test_cuda.py). All compiles run at once.
+Every ``csrc/cuda/*.cu`` compiles with ``nvcc -c`` and the flags torch's extension builder adds;
+``csrc/cuda/bindings.cpp`` compiles (``-c``) against the CPU wheel's torch headers (which ship ``c10/cuda`` and
+``ATen/cuda``, less one header CMake generates: a stub stands in) and the toolkit's; and every launcher the
+bindings call is defined by exactly one kernel object, with the C linkage the header declares. Linking cannot work
+here (the CPU wheel has no libc10_cuda); a GPU machine builds and runs the whole thing (scripts/gpu_check.sh,
+tests/agreement/test_cuda.py). All compiles run at once.
 """
 
 from __future__ import annotations
@@ -52,7 +53,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, sub
     stub = tmp / "stub"
     (stub / "c10" / "cuda" / "impl").mkdir(parents=True)
     (stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text(CMAKE_MACROS)
-    cmds = {cu.name: [nvcc, "-c", "-std=c++17", "-O2", "-I", str(ROOT / "csrc" / "include"), str(cu), "-o",
+    from torch.utils import cpp_extension
+
+    # The flags torch.utils.cpp_extension adds to every .cu file of an extension (no implicit half conversions,
+    # relaxed constexpr), so that the check compiles what lmkv.optimized.cuda will build.
+    flags = ["-std=c++17", "-O2", "-Xcompiler", "-fPIC", *cpp_extension.COMMON_NVCC_FLAGS]
+    cmds = {cu.name: [nvcc, "-c", *flags, "-I", str(ROOT / "csrc" / "include"), str(cu), "-o",
                       str(tmp / f"{cu.name}.o")] for cu in CU_FILES}
     cmds[BINDINGS.name] = _bindings_cmd(tmp / "bindings.o", stub)
     procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
