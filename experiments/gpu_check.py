@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -141,8 +142,6 @@ def step_tests(run: Run) -> dict[str, Any]:
 
 
 def _counts(line: str) -> list[tuple[str, str]]:
-    import re
-
     return re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|deselected)", line)
 
 

@@ -137,7 +137,7 @@ def _strip_quantization_config(target: Path) -> None:
         os.replace(tmp, path)
 
 
-# config.json of the converted SmolLM2-135M-Instruct (tests/test_cuda_backend.py checks it against a fresh
+# config.json of the converted SmolLM2-135M-Instruct (tests/test_gpu_check.py checks it against a fresh
 # conversion): where its 98 MB of weights cannot travel (a GPU machine reached through a 64 MiB link), a model of
 # the same architecture with random weights has the same shapes, FLOPs and KV bytes, so the same TTFT.
 SMOLLM2_CONFIG: dict[str, Any] = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from lmkv.optimized import cuda
+from lmkv.optimized.codec import payload_and_offsets
 from lmkv.optimized.cuda import unavailable_reason as unavailable_reason
 
 cuda.load()
@@ -41,9 +42,6 @@ def ac_decode(data: bytes | bytearray | memoryview | torch.Tensor, lengths: torc
     """Inverse of :func:`ac_encode`: stream s is ``data[sum(lengths[:s]) : sum(lengths[:s + 1])]`` decoded with
     ``cdf[s]`` -> symbols ``[S, num_tokens]`` uint8 on the tables' device."""
     dev = _device(cdf)
-    if not isinstance(data, torch.Tensor):
-        data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
-    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
-    torch.cumsum(lengths.to(device="cpu", dtype=torch.int64), 0, out=offsets[1:])
+    data, offsets = payload_and_offsets(data, lengths)
     return torch.ops.lmkv.codec_ac_decode_cuda(data.to(dev), offsets.to(dev),
                                                cdf.to(device=dev, dtype=torch.int32).contiguous(), int(num_tokens))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from lmkv.optimized.codec import payload_and_offsets
 from lmkv.optimized.ext import load_component
 from lmkv.optimized.ext import unavailable_reason as unavailable_reason
 
@@ -32,9 +33,5 @@ def ac_decode(data: bytes | bytearray | memoryview | torch.Tensor, lengths: torc
               num_tokens: int) -> torch.Tensor:
     """Inverse of :func:`ac_encode`: stream s is ``data[sum(lengths[:s]) : sum(lengths[:s + 1])]`` decoded with
     ``cdf[s]`` -> symbols ``[S, num_tokens]`` uint8."""
-    if not isinstance(data, torch.Tensor):
-        # frombuffer needs a writable, non-empty buffer: an all-empty payload (every stream one symbol) is legal.
-        data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
-    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
-    torch.cumsum(lengths.to(torch.int64), 0, out=offsets[1:])
+    data, offsets = payload_and_offsets(data, lengths)
     return torch.ops.lmkv.codec_ac_decode(data, offsets, cdf.to(torch.int32).contiguous(), int(num_tokens))

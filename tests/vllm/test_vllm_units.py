@@ -52,25 +52,21 @@ def _block_map(caches: dict[str, torch.Tensor], layer: SimpleNamespace, heads: i
     return cpu_block_map(caches, layer, "CPU_ATTN", num_kv_heads=heads, head_dim=head_dim)
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str:
+    """The first ``field : value`` of /proc/cpuinfo ("" where there is none)."""
     try:
-        text = open("/proc/cpuinfo").read()
+        lines = open("/proc/cpuinfo").read().splitlines()
     except OSError:
-        return set()
-    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+        return ""
+    return next((x.partition(":")[2].strip() for x in lines if x.startswith(field)), "")
 
 
 def _cpu_has(isa: str) -> bool:
-    return isa != "amx" or "amx_tile" in _cpu_flags()
+    return isa != "amx" or "amx_tile" in _cpuinfo("flags").split()
 
 
 def _cpu_name() -> str:
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return "unknown CPU"
-    return next((x.partition(":")[2].strip() for x in text.splitlines() if x.startswith("model name")), "unknown CPU")
+    return _cpuinfo("model name") or "unknown CPU"
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
