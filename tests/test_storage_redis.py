@@ -417,3 +417,27 @@ def test_tls_urls_keep_the_redis_py_read_path() -> None:
     plain = RedisTier("redis://127.0.0.1:1/0", socket_timeout=0.2)
     assert plain.reader is not None and plain.reader.max_value == MAX_VALUE
     plain.close()
+
+
+def test_a_port_taken_after_it_was_chosen_is_chosen_again() -> None:
+    """Another process binds the chosen port before redis-server does: the server exits at once, and the ports the
+    helper chose are chosen again; a port the caller fixed is not (the caller asked for that one)."""
+    import socket
+
+    srv = RedisServer()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        srv.port = taken  # as if the squatter had won the race for the port chosen in __init__
+        try:
+            srv.start()
+            assert srv.port != taken and srv.proc is not None and srv.proc.poll() is None
+        finally:
+            srv.cleanup()
+        fixed = RedisServer(port=taken)
+        try:
+            with pytest.raises(RuntimeError, match="taken"):
+                fixed.start()
+        finally:
+            fixed.cleanup()
